@@ -1,0 +1,136 @@
+# Copyright 2026 The vlltr authors. Licensed under the Apache License, Version 2.0.
+"""VL-LTR model configuration.
+
+This file ships unchanged as Hub remote code: it imports only transformers and nothing of its own package.
+"""
+
+from typing import Any
+
+from transformers import CLIPConfig, PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+HEAD_TYPES = ("lgr", "fc")
+
+
+class VLLTRConfig(PreTrainedConfig):
+    r"""
+    Configuration of a VL-LTR model (Tian et al., "VL-LTR: Learning Class-wise Visual-Linguistic Representation for
+    Long-Tailed Visual Recognition", ECCV 2022). It wraps a [`CLIPConfig`] and adds the fields of the
+    language-guided recognition (LGR) head. Optimisation settings (loss weights, sampling, learning rates) are not
+    here: they live on the training configs (`training.CVLPConfig`, `training.LGRConfig`).
+
+    Args:
+        clip_config (`dict` or [`CLIPConfig`], *optional*):
+            The CLIP model that VL-LTR wraps. `None` builds the default `CLIPConfig()` (ViT-B/32 sized), so pass the
+            config of the CLIP checkpoint you start from, e.g. `CLIPConfig.from_pretrained("openai/clip-vit-base-patch16")`.
+            `VLLTRConfig.from_pretrained` on a plain CLIP checkpoint does this for you.
+        num_anchor_sentences (`int`, *optional*, defaults to 64):
+            M, the number of anchor sentences kept per class by anchor sentence selection (AnSS). The anchor buffer
+            of [`VLLTRForImageClassification`] has shape `(num_labels, num_anchor_sentences, projection_dim)`.
+        mlp_ratio (`int`, *optional*, defaults to 4):
+            Hidden width of the image-branch MLP as a multiple of the embedding size D: `Linear(D, mlp_ratio * D)`
+            -> ReLU -> `Linear(mlp_ratio * D, num_labels)`.
+        fusion_alpha (`float`, *optional*, defaults to 0.2):
+            Test-time fusion weight α in `P = α·softmax(P_I) + (1 − α)·softmax(P_T)`. The reference code uses 0.2
+            for ImageNet-LT and Places-LT and 0.7 for iNaturalist 2018. Must lie in [0, 1].
+        head_type (`str`, *optional*, defaults to `"lgr"`):
+            `"lgr"`: the language-guided recognition head (image branch P_I plus anchor-attention text branch P_T).
+            `"fc"`: a single linear classifier on the image embedding E_I (the paper's FC-head ablation).
+        detach_anchor_norm (`bool`, *optional*, defaults to `False`):
+            Divide the aggregated text embedding G by its norm with the norm detached from the graph (the reference
+            code's `v_detach` variant, used for iNaturalist). Forward values are unchanged; only gradients differ.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated normal used for the image-branch MLP and the FC head.
+        kwargs (*optional*):
+            Passed to [`PreTrainedConfig`], e.g. `id2label` and `label2id`.
+
+    Example:
+
+    ```python
+    >>> from transformers import CLIPConfig
+    >>> from modeling_vlltr import VLLTRConfig, VLLTRForImageClassification
+
+    >>> clip_config = CLIPConfig.from_pretrained("openai/clip-vit-base-patch16")
+    >>> config = VLLTRConfig(clip_config=clip_config, id2label={0: "cat", 1: "dog"}, num_anchor_sentences=64)
+    >>> model = VLLTRForImageClassification(config)
+    ```
+    """
+
+    model_type = "vlltr"
+    sub_configs_defaults = {"clip_config": CLIPConfig}
+    # Trainer evaluation keeps logits, image_logits and text_logits, not the (N, D) embeddings.
+    keys_to_ignore_at_inference = ["image_embeds", "text_embeds", "logit_scale"]
+
+    clip_config: dict | CLIPConfig | None = None
+    num_anchor_sentences: int = 64
+    mlp_ratio: int = 4
+    fusion_alpha: float = 0.2
+    head_type: str = "lgr"
+    detach_anchor_norm: bool = False
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        if self.clip_config is None:
+            logger.info("`clip_config` is None: building the default CLIPConfig() (ViT-B/32 sized).")
+        super().__post_init__(**kwargs)
+        self._validate_head_fields()
+
+    def _validate_head_fields(self) -> None:
+        def _is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not _is_int(self.num_anchor_sentences) or self.num_anchor_sentences < 1:
+            raise ValueError(
+                f"VLLTRConfig.num_anchor_sentences must be an integer >= 1, got {self.num_anchor_sentences!r}."
+            )
+        if not _is_int(self.mlp_ratio) or self.mlp_ratio < 1:
+            raise ValueError(f"VLLTRConfig.mlp_ratio must be an integer >= 1, got {self.mlp_ratio!r}.")
+        if isinstance(self.fusion_alpha, bool) or not isinstance(self.fusion_alpha, (int, float)):
+            raise ValueError(f"VLLTRConfig.fusion_alpha must be a number in [0, 1], got {self.fusion_alpha!r}.")
+        if not 0.0 <= float(self.fusion_alpha) <= 1.0:
+            raise ValueError(f"VLLTRConfig.fusion_alpha must lie in [0, 1], got {self.fusion_alpha}.")
+        self.fusion_alpha = float(self.fusion_alpha)
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"VLLTRConfig.head_type must be one of {HEAD_TYPES}, got {self.head_type!r}.")
+        if not isinstance(self.detach_anchor_norm, bool):
+            raise ValueError(f"VLLTRConfig.detach_anchor_norm must be True or False, got {self.detach_anchor_norm!r}.")
+        if self.num_labels < 1:
+            raise ValueError(f"VLLTRConfig needs at least one class (id2label), got num_labels={self.num_labels}.")
+
+    @property
+    def projection_dim(self) -> int:
+        """D, the size of CLIP's joint embedding space (image embeddings, text embeddings and anchors)."""
+        return self.clip_config.projection_dim
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "VLLTRConfig":
+        """Loads a VL-LTR config, or wraps the config of a plain CLIP checkpoint (see `from_dict`). Any other
+        `model_type` raises a `ValueError` that names the checkpoint."""
+        config_dict, unused_kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type not in (cls.model_type, CLIPConfig.model_type):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {model_type!r} config; VL-LTR starts from a CLIP checkpoint "
+                f"(model_type 'clip', e.g. openai/clip-vit-base-patch16) or a VL-LTR checkpoint (model_type 'vlltr')."
+            )
+        return cls.from_dict(config_dict, **unused_kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "VLLTRConfig":
+        """Builds a `VLLTRConfig`. A plain CLIP config (`model_type == "clip"`) is wrapped as `clip_config`, so
+        `VLLTRConfig.from_pretrained("openai/clip-vit-base-patch16", id2label=...)` and
+        `VLLTRModel.from_pretrained(<a CLIP checkpoint>)` start from that CLIP."""
+        if config_dict.get("model_type") == CLIPConfig.model_type:
+            clip_dict = {k: v for k, v in config_dict.items() if k not in ("architectures", "auto_map")}
+            config_dict = {"clip_config": clip_dict, "model_type": cls.model_type}
+            if "dtype" in clip_dict:
+                config_dict["dtype"] = clip_dict["dtype"]
+        result = super().from_dict(config_dict, **kwargs)
+        # `from_dict` sets keyword overrides (e.g. `fusion_alpha=0.7`) after construction: validate them too.
+        (result[0] if isinstance(result, tuple) else result)._validate_head_fields()
+        return result
+
+
+__all__ = ["VLLTRConfig"]

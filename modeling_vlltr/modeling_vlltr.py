@@ -1,0 +1,538 @@
+# Copyright 2026 The vlltr authors. Licensed under the Apache License, Version 2.0.
+"""PyTorch VL-LTR model (Tian et al., ECCV 2022, arXiv 2111.13579).
+
+Acronyms, spelled out once: CVLP = class-wise visual-linguistic pre-training (stage 1), AnSS = anchor sentence
+selection, LGR = language-guided recognition (stage 2). Paper symbols on tensor lines: E_I (image embedding),
+E_T / V (anchor text embeddings), G (anchor-attention aggregate per class), P_I / P_T (image / text branch logits).
+
+The file is ordered like `modeling_clip.py`: loss helpers -> output dataclasses -> building blocks ->
+`VLLTRPreTrainedModel` -> public models. It imports only torch, transformers and its sibling config, so it ships
+unchanged as Hub remote code and does no file or network I/O at import.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, logging
+
+from .configuration_vlltr import VLLTRConfig
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loss helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy of `logits` (B, C) against class ids (B,) or soft targets (B, C) (mixup / cutmix)."""
+    if targets.dtype.is_floating_point:
+        return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    return F.cross_entropy(logits.float(), targets)
+
+
+def fused_log_probabilities(image_logits: torch.Tensor, text_logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log(α·softmax(P_I) + (1 − α)·softmax(P_T)), computed stably in log space (reference `evaluate_LT`).
+
+    A softmax of the result gives back the fused probability, so `pipeline("image-classification")`, which always
+    applies a softmax, reports it, and argmax / top-k are those of the fused prediction."""
+    log_p_image = F.log_softmax(image_logits.float(), dim=-1) + math.log(alpha) if alpha > 0 else None
+    log_p_text = F.log_softmax(text_logits.float(), dim=-1) + math.log(1.0 - alpha) if alpha < 1 else None
+    if log_p_image is None:
+        return log_p_text
+    if log_p_text is None:
+        return log_p_image
+    return torch.logaddexp(log_p_image, log_p_text)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VLLTRModelOutput(ModelOutput):
+    """
+    Output of [`VLLTRModel`], the stage-1 (CVLP) image-text model.
+
+    Args:
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
+            Scaled cosine similarity `exp(logit_scale) · cos(E_I, E_T)` of every image to every text.
+        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
+            The transpose of `logits_per_image`.
+        text_embeds (`torch.FloatTensor` of shape `(text_batch_size, projection_dim)`):
+            L2-normalised text embeddings.
+        image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`):
+            L2-normalised image embeddings.
+        logit_scale (`torch.FloatTensor` of shape `()`):
+            `exp(logit_scale)`, the learnable inverse temperature 1/τ (kept in the graph, so a loss computed from
+            gathered embeddings can train it).
+    """
+
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    logit_scale: torch.FloatTensor | None = None
+
+
+@dataclass
+class VLLTRImageClassifierOutput(ModelOutput):
+    """
+    Output of [`VLLTRForImageClassification`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            L_rec = CE(P_I, y) + CE(P_T, y) for the LGR head (soft-target CE for mixed targets), CE(logits, y) for
+            the FC head.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            LGR head: log of the fused probability `α·softmax(P_I) + (1 − α)·softmax(P_T)`, so a softmax gives the
+            fused probability back. FC head: the classifier logits.
+        image_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            P_I, the image-branch logits `MLP(E_I)` (equal to `logits` for the FC head).
+        text_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
+            P_T, the text-branch logits `exp(logit_scale) · cos(E_I, G_c)` (LGR head only).
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            E_I, the projected (not normalised) image embedding.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    image_logits: torch.FloatTensor | None = None
+    text_logits: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class VLLTRImageBranch(nn.Module):
+    """P_I = MLP(E_I): Linear(D, r·D) -> ReLU -> Linear(r·D, C), no dropout (reference `visual_fc`)."""
+
+    def __init__(self, config: VLLTRConfig):
+        super().__init__()
+        dim = config.projection_dim
+        self.fc1 = nn.Linear(dim, config.mlp_ratio * dim)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(config.mlp_ratio * dim, config.num_labels)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(image_embeds)))  # (B, C)
+
+
+class VLLTRTextBranch(nn.Module):
+    r"""
+    The language-guided text branch P_T of the LGR head (paper Eq. for G and P_T; reference `Attention`/`Block`):
+
+        Q = W_q · LN_q(E_I)                     (B, D)
+        K = W_k · LN_k(E_T)                     (C, M, D)
+        A = softmax_m(Q Kᵀ / √D)                (B, C, M)   softmax over each class's M anchors, padding masked
+        G = A · V,  V = E_T                     (B, C, D)
+        P_T = exp(logit_scale) · cos(E_I, G)    (B, C)
+
+    Neither K nor G is built. With the anchors fixed:
+
+        Q·K_cm = Q'·LN_k(V_cm) = ((Q'⊙γ)·V_cm − μ_cm Σ_d(Q'⊙γ)) / σ_cm + Q'·β,   Q' = Q·W_k
+        ⟨E_I, G_c⟩ = Σ_m A_cm ⟨E_I, V_cm⟩
+        ‖G_c‖² = A_cᵀ (V_c V_cᵀ) A_c
+
+    so the batch only needs one matmul of [Q'⊙γ; E_I] (2B, D) against V (C·M, D) plus the per-class M×M Gram matrices.
+    μ, σ (the LayerNorm statistics of each anchor) and the Gram matrices depend on the anchors alone: they are
+    computed once and cached until the anchors change. At iNaturalist scale (C = 8142, M = 64, D = 512, B = 128)
+    this avoids the 2 GB G tensor and the 1 GB K tensor.
+    """
+
+    def __init__(self, config: VLLTRConfig):
+        super().__init__()
+        dim = config.projection_dim
+        self.scale = dim**-0.5
+        self.detach_anchor_norm = config.detach_anchor_norm
+        self.query_norm = nn.LayerNorm(dim)
+        self.query_proj = nn.Linear(dim, dim, bias=False)
+        self.key_norm = nn.LayerNorm(dim)
+        self.key_proj = nn.Linear(dim, dim, bias=False)
+        self._anchor_cache: tuple | None = None
+
+    @torch.no_grad()
+    def anchor_statistics(self, anchors: torch.Tensor, anchor_mask: torch.Tensor):
+        """(μ, 1/σ) of LN_k over each anchor, the Gram matrices V_c V_cᵀ, all (C, M[, M]), and the additive mask.
+        Cached per anchor tensor (its storage and in-place version), so they are computed once, not per batch."""
+        key = (anchors.data_ptr(), anchors._version, anchors.dtype, anchors.device, anchor_mask._version)
+        if self._anchor_cache is None or self._anchor_cache[0] != key:
+            variance, mean = torch.var_mean(anchors, dim=-1, unbiased=False)  # (C, M) each
+            inv_std = torch.rsqrt(variance + self.key_norm.eps)  # (C, M)
+            gram = torch.bmm(anchors, anchors.transpose(1, 2))  # (C, M, M)
+            mask_bias = torch.zeros(anchor_mask.shape, dtype=anchors.dtype, device=anchors.device)
+            mask_bias.masked_fill_(~anchor_mask, float("-inf"))  # (C, M)
+            self._anchor_cache = (key, mean, inv_std, gram, mask_bias)
+        return self._anchor_cache[1:]
+
+    def forward(
+        self,
+        image_embeds: torch.Tensor,
+        anchors: torch.Tensor,
+        anchor_mask: torch.Tensor,
+        logit_scale: torch.Tensor,
+    ) -> torch.Tensor:
+        num_classes, num_anchors, dim = anchors.shape
+        mean, inv_std, gram, mask_bias = self.anchor_statistics(anchors, anchor_mask)
+
+        query = self.query_proj(self.query_norm(image_embeds))  # Q (B, D)
+        query = query @ self.key_proj.weight  # Q' = Q·W_k (B, D): K = LN_k(V)·W_kᵀ is never built
+        query_gamma = query * self.key_norm.weight  # Q'⊙γ (B, D)
+        # one pass over V for both products: (2B, D) @ (D, C·M)
+        products = torch.cat([query_gamma, image_embeds.to(query_gamma.dtype)]) @ anchors.reshape(-1, dim).T
+        products = products.view(2, -1, num_classes, num_anchors)  # (2, B, C, M)
+        q_dot_v, e_dot_v = products[0], products[1]  # Q'γ·V and ⟨E_I, V⟩, (B, C, M) each
+
+        # Q·K / √D = (Q'γ·V − μ·ΣQ'γ)/σ + Q'·β, then the padding mask
+        attn = (q_dot_v - query_gamma.sum(-1)[:, None, None] * mean) * inv_std
+        attn = attn + (query @ self.key_norm.bias)[:, None, None]
+        attn = (attn * self.scale + mask_bias).softmax(dim=-1)  # A (B, C, M)
+
+        g_dot_e = (attn * e_dot_v).sum(-1)  # ⟨E_I, G_c⟩ (B, C)
+        attn_gram = torch.bmm(attn.transpose(0, 1), gram).transpose(0, 1)  # A·(V Vᵀ) (B, C, M)
+        g_norm = (attn_gram * attn).sum(-1).clamp_min(1e-12).sqrt()  # ‖G_c‖ (B, C)
+        if self.detach_anchor_norm:
+            g_norm = g_norm.detach()  # reference `v_detach`: same values, gradient only through ⟨E_I, G_c⟩
+        e_norm = image_embeds.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # ‖E_I‖ (B, 1)
+        return logit_scale * g_dot_e / (g_norm * e_norm)  # P_T (B, C)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pre-trained model base
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_pixel_values(pixel_values: torch.Tensor | None, config: VLLTRConfig, interpolate_pos_encoding: bool):
+    if pixel_values is None:
+        raise ValueError("pixel_values is required.")
+    vision = config.clip_config.vision_config
+    size = vision.image_size
+    expected = f"(batch_size, {vision.num_channels}, {size}, {size})"
+    if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4:
+        shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+        raise ValueError(f"pixel_values must be a tensor of shape {expected}, got {shape}.")
+    if pixel_values.shape[1] != vision.num_channels:
+        raise ValueError(
+            f"pixel_values must have {vision.num_channels} channels, shape {expected}; got {tuple(pixel_values.shape)}."
+        )
+    if not interpolate_pos_encoding and tuple(pixel_values.shape[2:]) != (size, size):
+        raise ValueError(
+            f"pixel_values must be {size}x{size} for this model, shape {expected}; got {tuple(pixel_values.shape)}. "
+            f"Preprocess with the checkpoint's image processor, or pass interpolate_pos_encoding=True."
+        )
+
+
+def _check_labels(labels: torch.Tensor, batch_size: int, num_labels: int) -> None:
+    if labels.dtype.is_floating_point:
+        if tuple(labels.shape) != (batch_size, num_labels):
+            raise ValueError(
+                f"Soft labels must have shape (batch_size, num_labels) = ({batch_size}, {num_labels}), "
+                f"got {tuple(labels.shape)}."
+            )
+        return
+    if tuple(labels.shape) != (batch_size,):
+        raise ValueError(f"labels must be class ids of shape ({batch_size},), got {tuple(labels.shape)}.")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
+        bad = labels[(labels < 0) | (labels >= num_labels)].unique().tolist()
+        raise ValueError(f"labels must lie in [0, {num_labels}), got {bad}.")
+
+
+def _recheck_anchors_after_load(module: nn.Module, incompatible_keys) -> None:
+    module._anchors_checked = False  # new anchors arrived through load_state_dict: check them before the next forward
+
+
+class VLLTRPreTrainedModel(PreTrainedModel):
+    config: VLLTRConfig
+    config_class = VLLTRConfig
+    base_model_prefix = "clip"  # the attribute holding the CLIPModel: a plain CLIP checkpoint loads into it
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
+    # Auto classes written to `auto_map` by `save_pretrained`, besides `AutoConfig` (so the checkpoint loads as remote
+    # code in a process that never installed this package).
+    _auto_map_classes: tuple[str, ...] = ()
+
+    def _init_weights(self, module):
+        # Container modules without parameters of their own (VLLTRTextBranch, VLLTRImageBranch) are skipped by
+        # transformers' initialisation of custom code, so everything is set from the leaves or the top model.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, VLLTRForImageClassification) and module.config.head_type == "lgr":
+            # reference `_init_weights`: W_q and W_k start as the identity (runs after the leaves' normal init)
+            init.eye_(module.text_branch.query_proj.weight)
+            init.eye_(module.text_branch.key_proj.weight)
+            init.zeros_(module.anchor_text_embeds)
+            init.zeros_(module.anchor_mask)  # no anchors yet: forward refuses to run until they are set
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus an `auto_map` for every Auto class this checkpoint serves, so
+        `AutoModel...from_pretrained(dir, trust_remote_code=True)` works without the package installed."""
+        self.config.auto_map = {
+            "AutoConfig": "configuration_vlltr.VLLTRConfig",
+            **{auto: f"modeling_vlltr.{type(self).__name__}" for auto in self._auto_map_classes},
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class VLLTRModel(VLLTRPreTrainedModel):
+    """
+    The stage-1 (CVLP) VL-LTR model: a [`CLIPModel`] held as `self.clip`, trained with the class-wise contrastive and
+    distillation losses of `training.losses`. It behaves like `CLIPModel`: `forward(pixel_values, input_ids,
+    attention_mask)` returns scaled image-text similarities, and `pipeline("zero-shot-image-classification")` serves
+    it. A plain CLIP checkpoint loads into it with `VLLTRModel.from_pretrained("openai/clip-vit-base-patch16")`.
+    """
+
+    input_modalities = ("image", "text")
+    _auto_map_classes = ("AutoModel", "AutoModelForZeroShotImageClassification")
+
+    def __init__(self, config: VLLTRConfig):
+        super().__init__(config)
+        config._validate_head_fields()
+        self.clip = CLIPModel(config.clip_config)
+        self.post_init()
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+    ) -> torch.FloatTensor:
+        """E_I: projected, not normalised image embeddings `(batch_size, projection_dim)`."""
+        _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
+        return self.clip.get_image_features(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
+        ).pooler_output
+
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.FloatTensor:
+        """E_T: projected, not normalised text embeddings `(batch_size, projection_dim)`."""
+        return self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> VLLTRModelOutput:
+        if input_ids is None:
+            raise ValueError(
+                "VLLTRModel.forward needs input_ids and pixel_values (use get_image_features for images)."
+            )
+        image_embeds = F.normalize(self.get_image_features(pixel_values, interpolate_pos_encoding), dim=-1)
+        text_embeds = F.normalize(self.get_text_features(input_ids, attention_mask), dim=-1)
+        logit_scale = self.clip.logit_scale.exp()  # 1/τ, learnable and not clamped (reference CVLP)
+        logits_per_image = logit_scale * image_embeds @ text_embeds.T  # (N_img, N_txt)
+        return VLLTRModelOutput(
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.T,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            logit_scale=logit_scale,
+        )
+
+
+class VLLTRForImageClassification(VLLTRPreTrainedModel):
+    """
+    The stage-2 VL-LTR classifier: the CLIP image tower, the image branch P_I = MLP(E_I), and the language-guided text
+    branch P_T, which attends over each class's M anchor sentences (`anchor_text_embeds`, chosen by AnSS and stored in
+    `model.safetensors`). At test time the two are fused: `P = α·softmax(P_I) + (1 − α)·softmax(P_T)`; `logits` is
+    log P, so `pipeline("image-classification")` reports P.
+
+    With `config.head_type == "fc"` the head is a single linear classifier on E_I (the paper's FC ablation) and
+    there are no anchors.
+    """
+
+    input_modalities = ("image",)
+    _auto_map_classes = ("AutoModel", "AutoModelForImageClassification")
+
+    def __init__(self, config: VLLTRConfig):
+        super().__init__(config)
+        config._validate_head_fields()
+        self.clip = CLIPModel(config.clip_config)
+        num_labels, num_anchors, dim = config.num_labels, config.num_anchor_sentences, config.projection_dim
+        if config.head_type == "lgr":
+            self.image_branch = VLLTRImageBranch(config)
+            self.text_branch = VLLTRTextBranch(config)
+            self.register_buffer("anchor_text_embeds", torch.zeros(num_labels, num_anchors, dim))  # V = E_T (C, M, D)
+            self.register_buffer("anchor_mask", torch.zeros(num_labels, num_anchors, dtype=torch.bool))  # (C, M)
+        else:
+            self.classifier = nn.Linear(dim, num_labels)
+        self._anchors_checked = False
+        self.register_load_state_dict_post_hook(_recheck_anchors_after_load)
+        self.post_init()
+
+    # -- anchors -------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_anchor_embeddings(
+        self, embeds: torch.Tensor | list[torch.Tensor], mask: torch.Tensor | None = None
+    ) -> None:
+        """Stores the anchor sentence embeddings E_T (raw stage-1 text embeddings, not normalised).
+
+        Args:
+            embeds: a `(num_labels, num_anchor_sentences, projection_dim)` tensor, or a list with one
+                `(n_c, projection_dim)` tensor per class, `1 <= n_c <= num_anchor_sentences` (padded and masked).
+            mask: with a tensor, an optional `(num_labels, num_anchor_sentences)` bool tensor, True for real anchors
+                (classes with fewer than M sentences); default all True.
+        """
+        if self.config.head_type != "lgr":
+            raise ValueError("set_anchor_embeddings needs head_type='lgr'; this model has the FC head.")
+        num_labels, num_anchors, dim = self.anchor_text_embeds.shape
+        expected = f"(num_labels={num_labels}, num_anchor_sentences={num_anchors}, projection_dim={dim})"
+        if isinstance(embeds, (list, tuple)):
+            if mask is not None:
+                raise ValueError("Pass mask only with a padded tensor; with a list it is derived from the lengths.")
+            if len(embeds) != num_labels:
+                raise ValueError(f"Expected one anchor tensor per class ({num_labels}), got {len(embeds)}.")
+            padded = torch.zeros(num_labels, num_anchors, dim, dtype=self.anchor_text_embeds.dtype)
+            mask = torch.zeros(num_labels, num_anchors, dtype=torch.bool)
+            for c, class_embeds in enumerate(embeds):
+                if (
+                    class_embeds.dim() != 2
+                    or class_embeds.shape[1] != dim
+                    or not 1 <= len(class_embeds) <= num_anchors
+                ):
+                    raise ValueError(
+                        f"Anchors of class {c} ({self.config.id2label.get(c, c)!r}) must have shape (n, {dim}) with "
+                        f"1 <= n <= {num_anchors}, got {tuple(class_embeds.shape)}."
+                    )
+                padded[c, : len(class_embeds)] = class_embeds.to(padded.dtype).cpu()
+                mask[c, : len(class_embeds)] = True
+            embeds = padded
+        if not torch.is_tensor(embeds) or tuple(embeds.shape) != (num_labels, num_anchors, dim):
+            got = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
+            raise ValueError(
+                f"anchor_text_embeds must have shape {expected}, got {got}. The last dimension must equal "
+                f"clip_config.projection_dim ({dim})."
+            )
+        if mask is None:
+            mask = torch.ones(num_labels, num_anchors, dtype=torch.bool)
+        if tuple(mask.shape) != (num_labels, num_anchors):
+            raise ValueError(f"anchor_mask must have shape ({num_labels}, {num_anchors}), got {tuple(mask.shape)}.")
+        mask = mask.to(device=self.anchor_mask.device, dtype=torch.bool)
+        embeds = embeds.to(self.anchor_text_embeds).masked_fill(~mask[..., None], 0.0)
+        self._check_anchor_values(embeds, mask)
+        self.anchor_text_embeds.copy_(embeds)
+        self.anchor_mask.copy_(mask)
+        self._anchors_checked = True
+
+    def _check_anchor_values(self, embeds: torch.Tensor, mask: torch.Tensor, source: str = "") -> None:
+        where = f" in {source}" if source else ""
+        empty = (~mask.any(dim=-1)).nonzero().flatten().tolist()
+        if empty:
+            names = [self.config.id2label.get(c, str(c)) for c in empty[:5]]
+            if len(empty) == mask.shape[0]:
+                raise ValueError(
+                    f"anchor_text_embeds{where} are not set (anchor_mask is all False). Run anchor selection "
+                    f"(python -m training.run_select_anchors) or call model.set_anchor_embeddings(...)."
+                )
+            raise ValueError(f"anchor_mask{where} has no anchor for {len(empty)} class(es), e.g. {names}.")
+        bad = (~torch.isfinite(embeds) & mask[..., None]).any(-1).any(-1).nonzero().flatten().tolist()
+        if bad:
+            names = [self.config.id2label.get(c, str(c)) for c in bad[:5]]
+            raise ValueError(f"anchor_text_embeds{where} hold NaN or inf for {len(bad)} class(es), e.g. {names}.")
+
+    def check_anchors(self, source: str = "") -> None:
+        """Raises a `ValueError` naming `anchor_text_embeds` / `anchor_mask` if they are unset, hold NaN/inf, or
+        leave a class without anchors. Run at load time and, lazily, before the first forward."""
+        if self.config.head_type == "lgr":
+            self._check_anchor_values(self.anchor_text_embeds, self.anchor_mask, source)
+        self._anchors_checked = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result
+        if model.config.head_type == "lgr" and model.anchor_mask.any():
+            # Anchors came from the checkpoint: refuse NaN / a class without anchors now, not at the first batch.
+            # (A checkpoint without anchors, e.g. stage 1, is fine: forward asks for them.)
+            model.check_anchors(source=str(pretrained_model_name_or_path))
+        return result
+
+    # -- forward -------------------------------------------------------------------------------------------------------
+
+    def _vision_tower_trainable(self) -> bool:
+        return self.clip.visual_projection.weight.requires_grad or any(
+            p.requires_grad for p in self.clip.vision_model.parameters()
+        )
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+    ) -> torch.FloatTensor:
+        """E_I: projected, not normalised image embeddings `(batch_size, projection_dim)`. A frozen tower builds no
+        autograd graph."""
+        _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self._vision_tower_trainable()):
+            return self.clip.get_image_features(
+                pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
+            ).pooler_output
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> VLLTRImageClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)` or `torch.FloatTensor` of shape `(batch_size, num_labels)`,
+        *optional*): class ids in `[0, num_labels)`, or soft targets (mixup / cutmix). Gives `loss`.
+        """
+        image_embeds = self.get_image_features(pixel_values, interpolate_pos_encoding)  # E_I (B, D)
+        if labels is not None:
+            _check_labels(labels, image_embeds.shape[0], self.config.num_labels)
+
+        if self.config.head_type == "fc":
+            logits = self.classifier(image_embeds)  # (B, C)
+            loss = soft_target_cross_entropy(logits, labels) if labels is not None else None
+            return VLLTRImageClassifierOutput(loss=loss, logits=logits, image_logits=logits, image_embeds=image_embeds)
+
+        if not self._anchors_checked:
+            self.check_anchors()
+        image_logits = self.image_branch(image_embeds)  # P_I (B, C)
+        # τ is the stage-1 learned temperature, frozen in stage 2 (reference LGR: requires_grad=False)
+        logit_scale = self.clip.logit_scale.detach().exp()
+        text_logits = self.text_branch(image_embeds, self.anchor_text_embeds, self.anchor_mask, logit_scale)  # P_T
+
+        loss = None
+        if labels is not None:
+            # L_rec: the sum of two separate CEs, not a CE on the fused prediction (reference engine.py)
+            loss = soft_target_cross_entropy(image_logits, labels) + soft_target_cross_entropy(text_logits, labels)
+        logits = fused_log_probabilities(image_logits, text_logits, self.config.fusion_alpha)
+        return VLLTRImageClassifierOutput(
+            loss=loss, logits=logits, image_logits=image_logits, text_logits=text_logits, image_embeds=image_embeds
+        )
+
+
+__all__ = [
+    "VLLTRForImageClassification",
+    "VLLTRImageClassifierOutput",
+    "VLLTRModel",
+    "VLLTRModelOutput",
+    "VLLTRPreTrainedModel",
+    "fused_log_probabilities",
+    "soft_target_cross_entropy",
+]
