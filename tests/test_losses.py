@@ -1,0 +1,188 @@
+"""Parity tests for training/losses.py against naive loops written straight from the equations, forward and backward."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.clip import modeling_clip
+
+from training.losses import class_wise_contrastive_loss, distillation_loss
+
+# transformers renamed `clip_loss` to `image_text_contrastive_loss`; both are CLIP's symmetric cross-entropy.
+clip_symmetric_ce = getattr(modeling_clip, "image_text_contrastive_loss", None) or modeling_clip.clip_loss
+
+
+# --- naive references: explicit loops over rows and entries, float64 torch scalars so autograd still works
+
+
+def naive_log_softmax(row: list[torch.Tensor]) -> list[torch.Tensor]:
+    top = max(float(v.detach()) for v in row)
+    log_sum_exp = top + torch.log(sum(torch.exp(v - top) for v in row))
+    return [v - log_sum_exp for v in row]
+
+
+def naive_row_loss(row: list[torch.Tensor], target: list[float], eps: float) -> torch.Tensor:
+    log_probs = naive_log_softmax(row)
+    soft_ce = -sum(t * lp for t, lp in zip(target, log_probs))
+    uniform_ce = -sum(log_probs) / len(log_probs)
+    return (1 - eps) * soft_ce + eps * uniform_ce
+
+
+def naive_class_wise_contrastive(s: torch.Tensor, labels: list[int], eps: float) -> torch.Tensor:
+    n = len(labels)
+    loss_vis = 0.0
+    for i in range(n):  # one row per image, softmax over sentences
+        positives = [j for j in range(n) if labels[j] == labels[i]]
+        target = [1.0 / len(positives) if j in positives else 0.0 for j in range(n)]
+        loss_vis = loss_vis + naive_row_loss([s[i, j] for j in range(n)], target, eps)
+    loss_lin = 0.0
+    for j in range(n):  # one row per sentence, softmax over images
+        positives = [i for i in range(n) if labels[i] == labels[j]]
+        target = [1.0 / len(positives) if i in positives else 0.0 for i in range(n)]
+        loss_lin = loss_lin + naive_row_loss([s[i, j] for i in range(n)], target, eps)
+    return (loss_vis / n + loss_lin / n) / 2
+
+
+def naive_distillation(s: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    n = s.shape[0]
+    t = teacher.detach().tolist()
+
+    def teacher_softmax(row: list[float]) -> list[float]:
+        top = max(row)
+        exps = [math.exp(v - top) for v in row]
+        return [e / sum(exps) for e in exps]
+
+    d_i2t = 0.0
+    for i in range(n):
+        weights = teacher_softmax([t[i][j] for j in range(n)])
+        log_probs = naive_log_softmax([s[i, j] for j in range(n)])
+        d_i2t = d_i2t - sum(w * lp for w, lp in zip(weights, log_probs))
+    d_t2i = 0.0
+    for j in range(n):
+        weights = teacher_softmax([t[i][j] for i in range(n)])
+        log_probs = naive_log_softmax([s[i, j] for i in range(n)])
+        d_t2i = d_t2i - sum(w * lp for w, lp in zip(weights, log_probs))
+    return (d_i2t / n + d_t2i / n) / 2
+
+
+def value_and_grad(fn, logits: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    leaf = logits.detach().clone().requires_grad_(True)
+    loss = fn(leaf, *args)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), grad
+
+
+# --- cases: (seed, N, number of classes or None for all-distinct labels)
+
+CASES = [(0, 6, 2), (1, 9, 3), (2, 12, 5), (3, 7, None), (4, 10, None), (5, 8, 1)]
+
+
+def make_case(seed: int, n: int, num_classes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    logits = 5.0 * torch.randn(n, n, generator=generator, dtype=torch.float64)  # (N, N), scale ~ 100·cos
+    if num_classes is None:
+        labels = torch.randperm(n, generator=generator) + 3  # all distinct, not 0..N-1
+    else:
+        labels = torch.randint(0, num_classes, (n,), generator=generator)
+    return logits, labels
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("seed,n,num_classes", CASES)
+def test_class_wise_contrastive_matches_naive_forward_and_backward(seed, n, num_classes, eps):
+    logits, labels = make_case(seed, n, num_classes)
+    if num_classes is not None and num_classes > 1:
+        assert len(set(labels.tolist())) < n, "case should contain repeated labels"
+    loss, grad = value_and_grad(class_wise_contrastive_loss, logits, labels, eps)
+    ref_loss, ref_grad = value_and_grad(naive_class_wise_contrastive, logits, labels.tolist(), eps)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed,n,num_classes", CASES[:3])
+def test_class_wise_contrastive_float32_input(seed, n, num_classes):
+    logits, labels = make_case(seed, n, num_classes)
+    loss, grad = value_and_grad(class_wise_contrastive_loss, logits.float(), labels, 0.1)
+    ref_loss, ref_grad = value_and_grad(naive_class_wise_contrastive, logits, labels.tolist(), 0.1)
+    assert loss.dtype == grad.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_class_wise_contrastive_half_input_is_computed_in_float32(dtype):
+    logits, labels = make_case(7, 16, 4)
+    half = logits.to(dtype)
+    loss = class_wise_contrastive_loss(half, labels)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, class_wise_contrastive_loss(half.float(), labels))
+
+
+@pytest.mark.parametrize("seed,n", [(3, 7), (4, 10), (11, 32)])
+def test_all_distinct_labels_without_smoothing_is_clip_loss(seed, n):
+    logits, labels = make_case(seed, n, None)
+    loss = class_wise_contrastive_loss(logits, labels, label_smoothing=0.0)
+    torch.testing.assert_close(loss, clip_symmetric_ce(logits), rtol=1e-12, atol=1e-12)
+    arange = torch.arange(n)
+    by_hand = (F.cross_entropy(logits, arange) + F.cross_entropy(logits.t(), arange)) / 2
+    torch.testing.assert_close(loss, by_hand, rtol=1e-12, atol=1e-12)
+    # with smoothing the loss is no longer CLIP's, so the check above can tell the two apart
+    assert not torch.allclose(class_wise_contrastive_loss(logits, labels, 0.1), by_hand)
+
+
+def test_repeated_labels_differ_from_clip_loss():
+    logits, labels = make_case(1, 9, 3)
+    loss = class_wise_contrastive_loss(logits, labels, label_smoothing=0.0)
+    assert not torch.allclose(loss, clip_symmetric_ce(logits))
+
+
+def test_label_smoothing_term_is_uniform_cross_entropy():
+    logits, labels = make_case(2, 12, 5)
+    plain = class_wise_contrastive_loss(logits, labels, 0.0)
+    uniform = class_wise_contrastive_loss(logits, labels, 1.0)
+    expected_uniform = (-F.log_softmax(logits, 1).mean() - F.log_softmax(logits, 0).mean()) / 2
+    torch.testing.assert_close(uniform, expected_uniform)
+    torch.testing.assert_close(class_wise_contrastive_loss(logits, labels, 0.25), 0.75 * plain + 0.25 * uniform)
+
+
+@pytest.mark.parametrize("seed,n", [(0, 5), (1, 8), (2, 13)])
+def test_distillation_matches_naive_forward_and_backward(seed, n):
+    generator = torch.Generator().manual_seed(100 + seed)
+    student = 4.0 * torch.randn(n, n, generator=generator, dtype=torch.float64)  # (N, N)
+    teacher = 100.0 * torch.randn(n, n, generator=generator, dtype=torch.float64).tanh() / 3  # (N, N)
+    loss, grad = value_and_grad(distillation_loss, student, teacher)
+    ref_loss, ref_grad = value_and_grad(naive_distillation, student, teacher)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_distillation_with_one_hot_teacher_is_clip_loss():
+    # a teacher whose softmax is (numerically) the identity turns L_dis into CLIP's symmetric CE of the student
+    logits, _ = make_case(9, 6, None)
+    teacher = 1e4 * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(distillation_loss(logits, teacher), clip_symmetric_ce(logits))
+
+
+def test_distillation_teacher_gets_no_gradient():
+    generator = torch.Generator().manual_seed(5)
+    student = torch.randn(6, 6, generator=generator, requires_grad=True)
+    teacher = torch.randn(6, 6, generator=generator, requires_grad=True)
+    distillation_loss(student, teacher).backward()
+    assert teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_input_validation():
+    square = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match=r"square \(N, N\)"):
+        class_wise_contrastive_loss(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
+        class_wise_contrastive_loss(square, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        class_wise_contrastive_loss(square, torch.zeros(4, dtype=torch.long), label_smoothing=1.5)
+    with pytest.raises(ValueError, match="square"):
+        distillation_loss(torch.zeros(4), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"student's shape \(4, 4\)"):
+        distillation_loss(square, torch.zeros(5, 5))

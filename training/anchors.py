@@ -1,0 +1,236 @@
+"""AnSS (anchor sentence selection): score every sentence by its L_lin, keep M anchors per class, write a report."""
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging
+from transformers.utils.logging import tqdm
+
+logger = logging.get_logger(__name__)
+
+STRATEGIES = ("anss", "cutoff", "random")
+
+
+# --- scoring and selection
+
+
+def _name_ids(ids: Sequence[int], limit: int = 20) -> str:
+    ids = sorted(int(i) for i in ids)
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+@torch.no_grad()
+def score_sentences(
+    text_embeds: torch.Tensor,
+    text_labels: torch.Tensor,
+    image_embeds: torch.Tensor,
+    image_labels: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    chunk_size: int | None = None,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """L_lin of each sentence against a fixed selection image set (the paper's AnSS score; lower = more visual).
+
+    For sentence t of class c, with s_k = exp(logit_scale)·cos(t, img_k) over **all** selection images k and n_c the
+    number of selection images of class c (method.md §2.1, official `engine.py` `select_sent`):
+
+        score(t) = −Σ_k 1[y_k = c] / n_c · log_softmax(s)_k
+
+    i.e. the text → image term of L_ccl for one sentence, without label smoothing (the code scores without it).
+
+    Args:
+        text_embeds (`torch.Tensor` of shape `(N_t, D)`): raw stage-1 sentence embeddings (normalised here).
+        text_labels (`torch.Tensor` of shape `(N_t,)`): class id of each sentence.
+        image_embeds (`torch.Tensor` of shape `(N_i, D)`): raw stage-1 embeddings of the selection images.
+        image_labels (`torch.Tensor` of shape `(N_i,)`): class id of each selection image.
+        logit_scale (`float` or 0-dim `torch.Tensor`): the stage-1 temperature in log space, like
+            `CLIPModel.logit_scale`; the logits are scaled by exp(logit_scale).
+        chunk_size (`int`, *optional*): sentences scored at once; by default the largest chunk with
+            chunk_size · N_i ≤ 2**24 similarities, so memory does not grow with the corpus.
+        show_progress (`bool`, *optional*, defaults to `False`): show a progress bar over the chunks.
+
+    Returns:
+        `torch.Tensor` of shape `(N_t,)`, float32 on the CPU. The work runs on `text_embeds`' device, in float32.
+    """
+    text_embeds, image_embeds = torch.as_tensor(text_embeds), torch.as_tensor(image_embeds)
+    device = text_embeds.device
+    text_labels = torch.as_tensor(text_labels, device=device).long().reshape(-1)  # (N_t,)
+    image_labels = torch.as_tensor(image_labels, device=device).long().reshape(-1)  # (N_i,)
+    if text_embeds.dim() != 2 or image_embeds.dim() != 2 or text_embeds.shape[1] != image_embeds.shape[1]:
+        raise ValueError(
+            f"text_embeds (N_t, D) and image_embeds (N_i, D) must share D, got {tuple(text_embeds.shape)} and "
+            f"{tuple(image_embeds.shape)}"
+        )
+    if text_labels.shape[0] != text_embeds.shape[0] or image_labels.shape[0] != image_embeds.shape[0]:
+        raise ValueError(
+            f"need one label per embedding: {text_labels.shape[0]} text labels for {text_embeds.shape[0]} sentences, "
+            f"{image_labels.shape[0]} image labels for {image_embeds.shape[0]} images"
+        )
+    num_images = image_embeds.shape[0]
+    all_labels = torch.cat([text_labels, image_labels])  # (N_t + N_i,)
+    if all_labels.numel() and all_labels.min() < 0:
+        raise ValueError("text_labels and image_labels must be non-negative class ids")
+    num_classes = int(all_labels.max()) + 1 if all_labels.numel() else 0
+    images_per_class = torch.bincount(image_labels, minlength=num_classes)  # (C,) n_c
+    missing = torch.unique(text_labels[images_per_class[text_labels] == 0])
+    if missing.numel():
+        raise ValueError(f"no selection image for the sentences' classes {_name_ids(missing.tolist())}")
+
+    if chunk_size is None:
+        chunk_size = max(1, 2**24 // max(num_images, 1))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    scale = math.exp(float(logit_scale))
+    text_unit = F.normalize(text_embeds.float(), dim=-1)  # (N_t, D)
+    image_unit = F.normalize(image_embeds.to(device=device, dtype=torch.float32), dim=-1)  # (N_i, D)
+    scores = torch.empty(text_embeds.shape[0], dtype=torch.float32)  # (N_t,)
+    starts = range(0, text_embeds.shape[0], chunk_size)
+    for start in tqdm(starts, desc="Scoring sentences", disable=not show_progress):
+        stop = start + chunk_size
+        labels = text_labels[start:stop]  # (B,)
+        logits = scale * text_unit[start:stop] @ image_unit.t()  # (B, N_i) s_k
+        log_probs = F.log_softmax(logits, dim=-1)  # (B, N_i), softmax over the whole selection set
+        positives = labels[:, None] == image_labels[None, :]  # (B, N_i) 1[y_k = c]
+        score = -log_probs.masked_fill(~positives, 0.0).sum(dim=-1) / images_per_class[labels]  # (B,)
+        scores[start:stop] = score.cpu()
+    return scores
+
+
+def _class_start_offsets(sorted_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    counts = torch.bincount(sorted_labels, minlength=num_classes)  # (C,)
+    return torch.cumsum(counts, dim=0) - counts  # (C,) position of each class's first sentence in the sorted order
+
+
+def select_anchors(
+    scores: torch.Tensor | None,
+    text_labels: torch.Tensor,
+    num_classes: int,
+    num_anchors: int,
+    strategy: str = "anss",
+    seed: int = 0,
+) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """Picks M = `num_anchors` anchor sentences per class.
+
+    Strategies (method.md §2.2-2.3):
+    * `"anss"` (the paper's AnSS): the M sentences of lowest score (L_lin), in ascending score order; ties keep
+      corpus order (stable sort).
+    * `"cutoff"` (the paper's "Cut Off"): the first M sentences of each class in corpus order. With the reference
+      corpus (80 templates, then Wikipedia) these are 64 prompt templates.
+    * `"random"`: M sentences drawn without replacement, from a `torch.Generator` seeded with `seed`, listed in corpus
+      order. The draw depends only on `seed` and the corpus, but does not reproduce the official code's `randperm`
+      stream.
+
+    A class with fewer than M sentences keeps all of them and is padded (the official code's `pad_sequence` + key
+    padding mask; it never fires there, as every class has 80 templates). A class with no sentence is an error.
+
+    Args:
+        scores (`torch.Tensor` of shape `(N_t,)`, *optional*): `score_sentences` output; needed only for `"anss"`.
+        text_labels (`torch.Tensor` of shape `(N_t,)`): class id of each sentence, in [0, `num_classes`).
+
+    Returns:
+        `indices` (`torch.LongTensor` of shape `(C, M)`): positions in the sentence list, −1 where padded.
+        `mask` (`torch.BoolTensor` of shape `(C, M)`): True for real anchors (a prefix of each row).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown anchor selection strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    if num_anchors < 1:
+        raise ValueError(f"num_anchors must be >= 1, got {num_anchors}")
+    text_labels = torch.as_tensor(text_labels).cpu().long().reshape(-1)  # (N_t,)
+    num_sentences = text_labels.shape[0]
+    if num_sentences and (text_labels.min() < 0 or text_labels.max() >= num_classes):
+        raise ValueError(f"text_labels must lie in [0, {num_classes})")
+    sentences_per_class = torch.bincount(text_labels, minlength=num_classes)  # (C,)
+    empty = (sentences_per_class == 0).nonzero().flatten()
+    if empty.numel():
+        raise ValueError(f"no sentence for the classes {_name_ids(empty.tolist())}")
+    short = (sentences_per_class < num_anchors).nonzero().flatten()
+    if short.numel():
+        logger.warning(f"{short.numel()} classes have fewer than {num_anchors} sentences; padded: {_name_ids(short)}")
+
+    # rank the sentences within each class by a key, then sort by class; the stable sorts keep corpus order on ties
+    if strategy == "anss":
+        if scores is None:
+            raise ValueError('strategy "anss" needs the sentence scores')
+        key = torch.as_tensor(scores).detach().cpu().double().reshape(-1)  # (N_t,)
+        if key.shape[0] != num_sentences:
+            raise ValueError(f"scores must have shape ({num_sentences},), got {tuple(key.shape)}")
+        if not torch.isfinite(key).all():
+            raise ValueError("scores contain NaN or infinite values")
+    elif strategy == "random":
+        key = torch.rand(num_sentences, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    else:
+        key = torch.zeros(num_sentences, dtype=torch.float64)  # cutoff: corpus order
+    order = torch.sort(key, stable=True).indices  # (N_t,)
+    order = order[torch.sort(text_labels[order], stable=True).indices]  # (N_t,) by class, then by key
+    sorted_labels = text_labels[order]  # (N_t,)
+    rank = torch.arange(num_sentences) - _class_start_offsets(sorted_labels, num_classes)[sorted_labels]  # (N_t,)
+    keep = rank < num_anchors
+    indices = torch.full((num_classes, num_anchors), -1, dtype=torch.long)  # (C, M)
+    indices[sorted_labels[keep], rank[keep]] = order[keep]
+    mask = indices >= 0  # (C, M)
+    if strategy == "random":  # list the drawn sentences in corpus order, padding (-1 → +inf) last
+        positions = torch.where(mask, indices, torch.iinfo(torch.long).max)  # (C, M)
+        indices = torch.where(mask, positions.sort(dim=1).values, -1)  # (C, M); the mask is a prefix, unchanged
+    return indices, mask
+
+
+def anchor_report(
+    class_names: Sequence[str],
+    sentences: Sequence[str],
+    text_labels: torch.Tensor,
+    scores: torch.Tensor | None,
+    indices: torch.Tensor,
+    mask: torch.Tensor,
+    num_worst: int = 5,
+) -> str:
+    """A Markdown report of the selection: per class, the kept anchors and the `num_worst` highest-scoring sentences
+    that were not kept, with their L_lin scores (like the paper's "lion" example: visual sentences score low).
+
+    Without `scores` (cutoff / random selection) it lists the kept anchors without numbers and no worst sentences.
+    """
+    text_labels = torch.as_tensor(text_labels).cpu().long().reshape(-1)  # (N_t,)
+    indices, mask = torch.as_tensor(indices).cpu(), torch.as_tensor(mask).cpu()  # (C, M)
+    if len(sentences) != text_labels.shape[0]:
+        raise ValueError(f"{len(sentences)} sentences but {text_labels.shape[0]} text labels")
+    if indices.shape != mask.shape or indices.shape[0] != len(class_names):
+        raise ValueError(
+            f"indices {tuple(indices.shape)} and mask {tuple(mask.shape)} must both be (C, M) with "
+            f"C = {len(class_names)} class names"
+        )
+    score_list = None if scores is None else torch.as_tensor(scores).detach().cpu().double().reshape(-1).tolist()
+
+    def line(rank: int, index: int) -> str:
+        text = " ".join(str(sentences[index]).split())
+        return f"{rank}. `{score_list[index]:.3f}` {text}" if score_list is not None else f"{rank}. {text}"
+
+    by_class: list[list[int]] = [[] for _ in class_names]
+    for index, label in enumerate(text_labels.tolist()):
+        by_class[label].append(index)
+    header = "# Anchor sentences\n\n"
+    header += f"M = {indices.shape[1]} anchors per class. "
+    if score_list is not None:
+        header += "Score = L_lin of the sentence against the selection images: lower is more visual.\n"
+    else:
+        header += "No scores: the sentences were not ranked.\n"
+    parts = [header]
+    for label, name in enumerate(class_names):
+        kept = indices[label][mask[label]].tolist()
+        parts.append(f"\n## {label}: {name}\n\nKept anchors ({len(kept)} of {len(by_class[label])} sentences):\n\n")
+        parts.extend(line(rank, index) + "\n" for rank, index in enumerate(kept, start=1))
+        if score_list is not None and num_worst > 0:
+            kept_set = set(kept)
+            dropped = sorted(
+                (i for i in by_class[label] if i not in kept_set), key=lambda i: score_list[i], reverse=True
+            )
+            parts.append("\nHighest L_lin (least visual), not kept:\n\n")
+            if dropped:
+                parts.extend(line(rank, index) + "\n" for rank, index in enumerate(dropped[:num_worst], start=1))
+            else:
+                parts.append("(every sentence was kept)\n")
+    return "".join(parts)
+
+
+__all__ = ["STRATEGIES", "anchor_report", "score_sentences", "select_anchors"]

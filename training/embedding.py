@@ -1,0 +1,49 @@
+"""Embedding a tokenised corpus and an image set with a (stage-1) model, in batches, with a progress bar."""
+
+from collections.abc import Iterator
+
+import torch
+from transformers.utils.logging import tqdm
+
+from .data import TokenizedCorpus, eval_collator
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def iter_text_embeddings(
+    model, tokens: TokenizedCorpus, batch_size: int = 256, start: int = 0, end: int | None = None, desc: str = ""
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yields `(rows, E_T)` for consecutive batches of sentences `start..end` (raw projected text embeddings, float32
+    on the model's device). Padding is trimmed to the longest sentence of each batch."""
+    end = len(tokens.input_ids) if end is None else end
+    device = _model_device(model)
+    with torch.no_grad(), tqdm(total=end - start, desc=desc, disable=not desc, unit="sent", leave=False) as bar:
+        for i in range(start, end, batch_size):
+            rows = slice(i, min(i + batch_size, end))
+            mask = tokens.attention_mask[rows]
+            length = int(mask.sum(-1).max())
+            embeds = model.get_text_features(
+                input_ids=tokens.input_ids[rows, :length].to(device), attention_mask=mask[:, :length].to(device)
+            )
+            bar.update(rows.stop - rows.start)
+            yield rows, embeds.float()
+
+
+def embed_texts(model, tokens: TokenizedCorpus, batch_size: int = 256, desc: str = "") -> torch.Tensor:
+    """E_T (N, D) for every sentence, on the model's device."""
+    return torch.cat([e for _, e in iter_text_embeddings(model, tokens, batch_size, desc=desc)])
+
+
+def embed_images(model, dataset, batch_size: int = 64, num_workers: int = 0, desc: str = "") -> torch.Tensor:
+    """E_I (N, D) for every image of `dataset` (an `ImageDataset` with the evaluation transform)."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=eval_collator
+    )
+    device = _model_device(model)
+    parts = []
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=desc, disable=not desc, unit="batch", leave=False):
+            parts.append(model.get_image_features(batch["pixel_values"].to(device)).float())
+    return torch.cat(parts)

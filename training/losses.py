@@ -1,0 +1,92 @@
+"""Stage-1 (CVLP, class-wise visual-linguistic pre-training) losses: one small function per paper loss."""
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_square(name: str, logits: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"{name} must be a square (N, N) matrix, got shape {tuple(logits.shape)}")
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    # fp16/bf16 logits from autocast are upcast so log_softmax over a 1024-wide row keeps its precision; float64 stays.
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean over rows of (1 - ε)·(−Σ_j target_j·log_softmax(row)_j) + ε·(−mean_j log_softmax(row)_j)."""
+    log_probs = F.log_softmax(logits, dim=-1)  # (N, N)
+    soft_ce = -(targets * log_probs).sum(dim=-1)  # (N,)
+    if label_smoothing == 0.0:
+        return soft_ce.mean()
+    uniform_ce = -log_probs.mean(dim=-1)  # (N,)
+    return ((1.0 - label_smoothing) * soft_ce + label_smoothing * uniform_ce).mean()
+
+
+def class_wise_contrastive_loss(
+    logits_per_image: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1
+) -> torch.Tensor:
+    """L_ccl, the paper's class-wise contrastive loss (L_ccl = L_vis + L_lin): multi-positive InfoNCE both ways.
+
+    `logits_per_image[i, j]` = s_ij = exp(logit_scale)·cos(image_i, sentence_j) over the (global) batch; sentence j
+    was drawn from the class of image j, so `labels` (N,) gives the class of row i and of column j alike. With
+    P_i = {j : y_j = y_i}:
+
+        L_vis = mean_i row_loss(s[i, :], 1[j ∈ P_i] / |P_i|)      # softmax over the N sentences
+        L_lin = mean_j row_loss(s[:, j], 1[i ∈ P_j] / |P_j|)      # softmax over the N images
+
+    The 1/|P| average sits outside the log (a mean of per-positive log-probabilities, the "SupCon-out" form).
+
+    Deviations from the paper, both following the official code (`losses.py` `PretrainSentLoss`, method.md §1.3):
+    * the two directions are **averaged**, (L_vis + L_lin) / 2, not summed;
+    * each row loss carries uniform label smoothing ε (`label_smoothing`, the code's 0.1 default), which the paper
+      does not mention: row_loss = (1 − ε)·soft-target CE + ε·(−mean_j log_softmax(row)_j). ε = 0 gives the
+      paper's loss (up to the factor 1/2).
+
+    Half-precision inputs are computed in float32 (float64 stays float64). Returns a 0-dim tensor.
+    """
+    _check_square("logits_per_image", logits_per_image)
+    if labels.shape != logits_per_image.shape[:1]:
+        raise ValueError(f"labels must have shape ({logits_per_image.shape[0]},), got {tuple(labels.shape)}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    logits = _at_least_float32(logits_per_image)  # (N, N)
+    labels = labels.to(logits.device)  # (N,)
+    same_class = labels[:, None] == labels[None, :]  # (N, N), symmetric, True on the diagonal
+    targets = same_class.to(logits.dtype)
+    # the mask is symmetric, so these rows 1[j ∈ P_i]/|P_i| are also the text rows 1[i ∈ P_j]/|P_j| of L_lin
+    targets = targets / targets.sum(dim=1, keepdim=True)  # (N, N)
+    loss_vis = _soft_cross_entropy(logits, targets, label_smoothing)  # image → text
+    loss_lin = _soft_cross_entropy(logits.t(), targets, label_smoothing)  # text → image
+    return (loss_vis + loss_lin) / 2
+
+
+def distillation_loss(logits_per_image: torch.Tensor, teacher_logits_per_image: torch.Tensor) -> torch.Tensor:
+    """L_dis, the paper's distillation loss: the student's log-probabilities weighted by the frozen teacher's softmax.
+
+    With s the student's and s' the teacher's (N, N) image-to-sentence logits on the same batch:
+
+        D_i2t = mean_i Σ_j softmax(s'[i, :])_j · (−log_softmax(s[i, :])_j)
+        D_t2i = the same on sᵀ and s'ᵀ
+        L_dis = (D_i2t + D_t2i) / 2
+
+    Temperature T = 1: each side keeps its own scale (the student's learnable exp(logit_scale), the CLIP teacher's
+    fixed 100), as in the official code (`losses.py` L53-119, method.md §1.4). Deviation from the paper's wording:
+    the two directions are averaged. The teacher is a constant: it is detached here, so it never gets a gradient.
+    Half-precision inputs are computed in float32. Returns a 0-dim tensor.
+    """
+    _check_square("logits_per_image", logits_per_image)
+    if teacher_logits_per_image.shape != logits_per_image.shape:
+        raise ValueError(
+            f"teacher_logits_per_image must have the student's shape {tuple(logits_per_image.shape)}, "
+            f"got {tuple(teacher_logits_per_image.shape)}"
+        )
+    student = _at_least_float32(logits_per_image)  # (N, N)
+    teacher = _at_least_float32(teacher_logits_per_image.detach())  # (N, N)
+    distill_i2t = _soft_cross_entropy(student, F.softmax(teacher, dim=1))
+    distill_t2i = _soft_cross_entropy(student.t(), F.softmax(teacher.t(), dim=1))
+    return (distill_i2t + distill_t2i) / 2
+
+
+__all__ = ["class_wise_contrastive_loss", "distillation_loss"]
