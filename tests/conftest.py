@@ -77,3 +77,74 @@ def tiny_classifier():
 def random_pixels(batch_size: int = 3, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+
+
+CLASS_NAMES = ["red square", "green bar", "blue ring", "yellow dot"]
+TRAIN_COUNTS = [12, 6, 3, 2]  # a long tail
+
+
+def _pattern(label: int, rng):
+    from PIL import Image, ImageDraw
+
+    image = Image.fromarray(rng.integers(0, 60, size=(40, 40, 3), dtype="uint8"))
+    draw = ImageDraw.Draw(image)
+    colour = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 30)][label]
+    offset = int(rng.integers(0, 8))
+    if label == 0:
+        draw.rectangle([8 + offset, 8, 28 + offset, 28], fill=colour)
+    elif label == 1:
+        draw.rectangle([4, 14 + offset, 36, 22 + offset], fill=colour)
+    elif label == 2:
+        draw.ellipse([6 + offset, 6, 30 + offset, 30], outline=colour, width=4)
+    else:
+        draw.ellipse([14 + offset, 14, 22 + offset, 22], fill=colour)
+    return image
+
+
+def write_lt_dataset(root, train_counts=TRAIN_COUNTS, eval_per_class: int = 3, seed: int = 0) -> dict:
+    """A small long-tailed image set in the ImageNet-LT layout: images/, train/val/test list files, class names and a
+    JSON corpus. Returns the paths."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    root = os.fspath(root)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    splits = {
+        "train": train_counts,
+        "val": [eval_per_class] * len(train_counts),
+        "test": [eval_per_class] * len(train_counts),
+    }
+    paths = {}
+    for split, counts in splits.items():
+        lines = []
+        for label, count in enumerate(counts):
+            for i in range(count):
+                rel = f"images/{split}_{label}_{i}.png"
+                _pattern(label, rng).save(os.path.join(root, rel))
+                lines.append(f"{rel} {label}")
+        paths[split] = os.path.join(root, f"{split}.txt")
+        with open(paths[split], "w") as f:
+            f.write("\n".join(lines) + "\n")
+    paths["classes"] = os.path.join(root, "classes.txt")
+    with open(paths["classes"], "w") as f:
+        f.write("\n".join(CLASS_NAMES) + "\n")
+    corpus = {
+        name: [
+            f"A {name} on a dark noisy background.",
+            f"The {name} is drawn in one colour.",
+            f"Nothing but a {name}.",
+        ]
+        for name in CLASS_NAMES
+    }
+    paths["corpus"] = os.path.join(root, "corpus.json")
+    with open(paths["corpus"], "w") as f:
+        json.dump(corpus, f)
+    paths["root"] = root
+    return paths
+
+
+@pytest.fixture(scope="session")
+def lt_dataset(tmp_path_factory):
+    return write_lt_dataset(tmp_path_factory.mktemp("lt_data"))

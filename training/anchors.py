@@ -233,4 +233,84 @@ def anchor_report(
     return "".join(parts)
 
 
-__all__ = ["STRATEGIES", "anchor_report", "score_sentences", "select_anchors"]
+# --- embedding a corpus and selecting its anchors
+
+
+@torch.no_grad()
+def embed_and_select_anchors(
+    model,
+    tokens,
+    sentence_labels: torch.Tensor,
+    image_embeds: torch.Tensor,
+    image_labels: torch.Tensor,
+    num_classes: int,
+    num_anchors: int,
+    strategy: str = "anss",
+    seed: int = 0,
+    batch_size: int = 256,
+    chunk_sentences: int = 8192,
+    show_progress: bool = True,
+) -> tuple[torch.LongTensor, torch.BoolTensor, torch.Tensor | None, torch.Tensor]:
+    """Embeds the corpus with the stage-1 text tower and picks each class's anchors, in chunks of whole classes so
+    memory holds one chunk of sentence embeddings plus each class's M best so far, not the corpus.
+
+    For "anss" every sentence is embedded and scored (`score_sentences`); the M lowest per class are kept. For
+    "cutoff" and "random" only the chosen sentences are embedded.
+
+    Returns `(indices (C, M), mask (C, M), scores (N,) or None, anchor_embeds (C, M, D))`; `anchor_embeds` holds
+    the raw (not normalised) stage-1 text embeddings of the anchors, zeros where padded.
+    """
+    from .data import TokenizedCorpus
+    from .embedding import iter_text_embeddings
+
+    sentence_labels = torch.as_tensor(sentence_labels).long().cpu()
+    if strategy != "anss":
+        indices, mask = select_anchors(None, sentence_labels, num_classes, num_anchors, strategy, seed)
+        chosen = indices[mask]
+        subset = TokenizedCorpus(tokens.input_ids[chosen], tokens.attention_mask[chosen], 0)
+        embeds = torch.cat([e.cpu() for _, e in iter_text_embeddings(model, subset, batch_size)])
+        anchors = torch.zeros(num_classes, num_anchors, embeds.shape[-1])
+        anchors[mask] = embeds
+        return indices, mask, None, anchors
+
+    if len(sentence_labels) and bool((sentence_labels[1:] < sentence_labels[:-1]).any()):
+        raise ValueError("The corpus must list its sentences grouped by class, in label order.")
+    offsets = torch.cumsum(torch.bincount(sentence_labels, minlength=num_classes), 0).tolist()
+    scores = torch.empty(len(sentence_labels))
+    kept: dict[int, torch.Tensor] = {}  # sentence index -> embedding, for each class's M lowest scores so far
+    start = 0
+    bar = tqdm(total=len(sentence_labels), desc="Scoring sentences", disable=not show_progress, unit="sent")
+    while start < len(sentence_labels):
+        end = next((o for o in offsets if o >= start + chunk_sentences), len(sentence_labels))  # whole classes
+        chunk = torch.cat([e for _, e in iter_text_embeddings(model, tokens, batch_size, start, end)])  # (n, D)
+        scores[start:end] = score_sentences(
+            chunk, sentence_labels[start:end], image_embeds, image_labels, model_scale(model)
+        )
+        for c in sentence_labels[start:end].unique().tolist():
+            rows = (sentence_labels[start:end] == c).nonzero().flatten()
+            best = rows[torch.sort(scores[start:end][rows], stable=True).indices[:num_anchors]]
+            for r in best.tolist():
+                kept[start + r] = chunk[r].cpu()
+        bar.update(end - start)
+        start = end
+    bar.close()
+    indices, mask = select_anchors(scores, sentence_labels, num_classes, num_anchors, "anss", seed)
+    dim = next(iter(kept.values())).shape[-1]
+    anchors = torch.zeros(num_classes, num_anchors, dim)
+    anchors[mask] = torch.stack([kept[i] for i in indices[mask].tolist()])
+    return indices, mask, scores, anchors
+
+
+def model_scale(model) -> torch.Tensor:
+    """The stage-1 learned temperature in log space (`CLIPModel.logit_scale`)."""
+    return model.clip.logit_scale.detach().float().cpu()
+
+
+__all__ = [
+    "STRATEGIES",
+    "anchor_report",
+    "embed_and_select_anchors",
+    "model_scale",
+    "score_sentences",
+    "select_anchors",
+]

@@ -152,19 +152,31 @@ def _verify_one(sample: ImageSample, full: bool) -> str | None:
     return None
 
 
-def check_images(samples: Sequence[ImageSample], mode: str = "full", num_workers: int = 4) -> None:
-    """Opens every image before training so a missing, unreadable or truncated file stops the run at once, naming
-    the split file and line. `mode`: "full" decodes each image (catches truncation), "header" only reads headers,
-    "none" skips the check."""
-    if mode == "none" or not samples:
-        return
-    if mode not in ("full", "header"):
+def check_images(dataset: "ImageDataset", mode: str = "full", num_workers: int = 4) -> None:
+    """Opens every image of `dataset` before training, so a missing, unreadable or truncated file stops the run at
+    once, naming the split file and line. `mode`: "full" decodes each image (catches truncation), "header" only
+    reads headers, "none" skips the check."""
+    if mode not in ("full", "header", "none"):
         raise ValueError(f"image check mode must be 'full', 'header' or 'none', got {mode!r}.")
+    if mode == "none" or len(dataset) == 0:
+        return
+    if isinstance(dataset.source, list):
+        check = lambda i: _verify_one(dataset.source[i], mode == "full")  # noqa: E731
+    elif mode == "full":  # a 🤗 dataset: decode each row
+
+        def check(i):
+            try:
+                dataset.load_image(i)
+            except DataError as e:
+                return str(e)
+            return None
+    else:
+        return
     previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-            results = pool.map(lambda s: _verify_one(s, mode == "full"), samples, chunksize=64)
-            for error in tqdm(results, total=len(samples), desc="Checking images", leave=False):
+            results = pool.map(check, range(len(dataset)), chunksize=64)
+            for error in tqdm(results, total=len(dataset), desc="Checking images", leave=False, unit="img"):
                 if error is not None:
                     raise DataError(error)
     finally:

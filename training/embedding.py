@@ -47,3 +47,21 @@ def embed_images(model, dataset, batch_size: int = 64, num_workers: int = 0, des
         for batch in tqdm(loader, desc=desc, disable=not desc, unit="batch", leave=False):
             parts.append(model.get_image_features(batch["pixel_values"].to(device)).float())
     return torch.cat(parts)
+
+
+def predict_logits(model, dataset, batch_size: int = 64, num_workers: int = 0, desc: str = "") -> dict:
+    """Runs a `VLLTRForImageClassification` over `dataset` (evaluation transform) and returns the stacked
+    `logits`, `image_logits`, `text_logits` (None for the FC head) and `labels` as CPU tensors."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=eval_collator
+    )
+    device = _model_device(model)
+    parts: dict[str, list] = {"logits": [], "image_logits": [], "text_logits": [], "labels": []}
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=desc, disable=not desc, unit="batch", leave=False):
+            out = model(pixel_values=batch["pixel_values"].to(device))
+            for key in ("logits", "image_logits", "text_logits"):
+                if out[key] is not None:
+                    parts[key].append(out[key].float().cpu())
+            parts["labels"].append(batch["labels"])
+    return {k: torch.cat(v) if v else None for k, v in parts.items()}

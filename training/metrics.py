@@ -319,7 +319,42 @@ def write_metrics_json(path: str | os.PathLike, metrics: Mapping[str, Any]) -> N
     atomic_write_json(path, _json_safe(metrics))
 
 
+# --- stage-1 evaluation
+
+
+@torch.no_grad()
+def sentence_retrieval_metrics(
+    image_embeds: torch.Tensor,
+    image_labels: torch.Tensor,
+    text_embeds: torch.Tensor,
+    text_labels: torch.Tensor,
+    k: int = 5,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Stage-1 (CVLP) evaluation, reference `evaluate_pretrain`: `image_top1`, the class of each image's nearest
+    sentence (cosine), and `knn_{k}`, the majority class among its k nearest sentences (a tie goes to the class met
+    first, i.e. the more similar one). Fractions in [0, 1]."""
+    image = torch.nn.functional.normalize(image_embeds.float(), dim=-1)  # (N_i, D)
+    text = torch.nn.functional.normalize(text_embeds.float().to(image.device), dim=-1)  # (N_t, D)
+    image_labels = torch.as_tensor(image_labels).to(image.device)
+    text_labels = torch.as_tensor(text_labels).to(image.device)
+    k = min(k, len(text))
+    nearest_correct = knn_correct = 0
+    for start in range(0, len(image), chunk_size):
+        rows = slice(start, start + chunk_size)
+        top = (image[rows] @ text.T).topk(k, dim=-1).indices  # (n, k), most similar first
+        top_labels = text_labels[top]  # (n, k)
+        votes = (top_labels[:, :, None] == top_labels[:, None, :]).sum(-1)  # (n, k) votes for each position's class
+        rank = votes * (k + 1) - torch.arange(k, device=votes.device)  # most votes, then the earliest position
+        winner = top_labels.gather(1, rank.argmax(-1, keepdim=True))[:, 0]  # (n,)
+        nearest_correct += int((top_labels[:, 0] == image_labels[rows]).sum())
+        knn_correct += int((winner == image_labels[rows]).sum())
+    total = max(len(image), 1)
+    return {"image_top1": nearest_correct / total, f"knn_{k}": knn_correct / total}
+
+
 __all__ = [
+    "sentence_retrieval_metrics",
     "OFFICIAL",
     "STANDARD",
     "LongTailMetrics",

@@ -1,0 +1,194 @@
+"""Plumbing shared by the `run_*` scripts: argument parsing (a `.json` file of arguments, then command-line
+overrides), one-line errors, the output-folder guard, the training history that model cards are built from, and
+publishing a folder to the Hub."""
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import transformers
+from transformers import HfArgumentParser
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from .data import DataError
+from .io_utils import atomic_write_json
+from .stage_trainer import NonFiniteLossError
+
+logger = logging.get_logger(__name__)
+
+HISTORY_FILE = "training_history.json"
+
+
+class UsageError(ValueError):
+    """A wrong flag, path or checkpoint given on the command line."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments and errors
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _json_to_argv(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: cannot read the argument file ({e}).") from None
+    argv = []
+    for key, value in values.items():
+        if key.startswith("_"):  # "_comment", "_global_batch": notes for the reader
+            continue
+        if isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
+    """`HfArgumentParser` over `dataclass_types`. A leading `.json` argument is a file of arguments (keys starting
+    with "_" are comments); any further command-line flags override it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith(".json"):
+        argv = _json_to_argv(argv[0]) + argv[1:]
+    parser = HfArgumentParser(dataclass_types)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str] | None = None) -> Any:
+    """Runs a script's `main`, turning user errors into one line on stderr and exit status 2. Set VLLTR_DEBUG=1 to
+    see the traceback."""
+    try:
+        return main(argv)
+    except (DataError, UsageError, NonFiniteLossError) as e:
+        if os.environ.get("VLLTR_DEBUG"):
+            raise
+        message = " ".join(str(e).split())
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def setup_logging(training_args) -> None:
+    level = training_args.get_process_log_level()
+    logging.set_verbosity(level)
+    transformers.utils.logging.enable_explicit_format()
+    logging.get_logger("training").setLevel(level)
+    logging.get_logger("modeling_vlltr").setLevel(level)
+
+
+def load_checked(what: str, loader: Callable, path: str, **kwargs):
+    """Calls `loader(path, **kwargs)`, turning a missing or wrong checkpoint into a `UsageError` naming `what`."""
+    try:
+        return loader(path, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{what} {path}: {first}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output folder, resuming, publishing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def prepare_output_dir(training_args, script: str) -> str | None:
+    """Refuses an output folder that already holds another run unless --overwrite_output_dir or
+    --resume_from_checkpoint is given, and checks --push_to_hub before any work. Returns the checkpoint to resume
+    from (`--resume_from_checkpoint last` or `True` picks the newest one in the output folder)."""
+    if training_args.output_dir is None:
+        raise UsageError("--output_dir is required.")
+    if training_args.push_to_hub and not training_args.hub_model_id:
+        raise UsageError("--push_to_hub needs --hub_model_id org/name (the repository to create or update).")
+    out = Path(training_args.output_dir)
+    resume = getattr(training_args, "resume_from_checkpoint", None)
+    if resume is not None and str(resume).lower() in ("last", "true"):
+        resume = get_last_checkpoint(out) if out.is_dir() else None
+        if resume is None:
+            raise UsageError(
+                f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint in {out}."
+            )
+    elif resume is not None and not Path(resume).is_dir():
+        raise UsageError(f"--resume_from_checkpoint {resume}: no such checkpoint folder.")
+    if (
+        out.is_dir()
+        and any(out.iterdir())
+        and resume is None
+        and not getattr(training_args, "overwrite_output_dir", 0)
+    ):
+        held = sorted(p.name for p in out.iterdir())
+        owner = ""
+        history = read_history(out)
+        if history:
+            owner = f" from {history[-1].get('script', 'an earlier run')}"
+        raise UsageError(
+            f"--output_dir {out} already holds a run{owner} ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}). "
+            f"Pass --resume_from_checkpoint last to continue it, --overwrite_output_dir to write over it, or choose "
+            f"another folder."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return resume
+
+
+def push_folder(folder: str | os.PathLike, training_args, commit_message: str) -> str:
+    """Creates (or reuses) `hub_model_id` and uploads `folder`: weights, config, remote code, image processor,
+    tokenizer, card and reports; checkpoints and logs are left out. Returns the repository URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=training_args.hub_token)
+    repo = api.create_repo(training_args.hub_model_id, private=bool(training_args.hub_private_repo), exist_ok=True)
+    api.upload_folder(
+        repo_id=training_args.hub_model_id,
+        folder_path=str(folder),
+        commit_message=commit_message,
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "*.tmp", ".*", "training_args.bin"],
+    )
+    logger.info(f"Pushed {folder} to {repo}")
+    return str(repo)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training history (what the model cards are generated from)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def read_history(folder: str | os.PathLike) -> list[dict]:
+    path = Path(folder) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        logger.warning(f"Ignoring an unreadable {path}.")
+        return []
+
+
+def write_history(folder: str | os.PathLike, history: list[dict]) -> None:
+    atomic_write_json(Path(folder) / HISTORY_FILE, history)
+
+
+def history_entry(script: str, stage: str, settings: dict, results: dict | None = None) -> dict:
+    return {
+        "script": script,
+        "stage": stage,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "settings": {k: v for k, v in settings.items() if v is not None},
+        # timings say nothing about the model and would change the card on every run
+        "results": {k: v for k, v in (results or {}).items() if "runtime" not in k and "per_second" not in k},
+    }
+
+
+def extend_history(source: str | os.PathLike, entry: dict) -> list[dict]:
+    """The history of the input checkpoint (if it is a local folder), plus `entry`."""
+    history = read_history(source) if Path(str(source)).is_dir() else []
+    if not history:
+        history = [{"script": "base", "stage": "base", "settings": {"model_name_or_path": str(source)}}]
+    return history + [entry]

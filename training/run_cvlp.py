@@ -1,0 +1,162 @@
+"""Stage 1 of VL-LTR: class-wise visual-linguistic pre-training (CVLP) of a CLIP on a long-tailed image set.
+
+Each training image is paired with one sentence of its class; the loss is (1 − β)·L_ccl + β·L_dis over the whole
+batch, gathered from every process, with the starting CLIP as a frozen teacher.
+
+A run on one machine:
+
+    python -m training.run_cvlp --model_name_or_path openai/clip-vit-base-patch16 --train_file train.txt \
+        --image_root ROOT --class_names classes.txt --text_corpus corpus.json --output_dir OUT1
+
+The reference ImageNet-LT ViT-B/16 recipe on one node of 8 GPUs (global batch 128 × 8 × 1 = 1024):
+
+    torchrun --nproc_per_node 8 -m training.run_cvlp training/configs/imagenet_lt_vit_b16_stage1.json \
+        --train_file data/imagenet/ImageNet_LT_train.txt --image_root data/imagenet \
+        --class_names data/imagenet/classes.txt --text_corpus data/imagenet/wiki --output_dir outputs/in_lt_stage1
+"""
+
+import torch
+from transformers import AutoTokenizer
+
+from modeling_vlltr import VLLTRConfig, VLLTRModel
+
+from .arguments import (
+    AugmentationArguments,
+    CorpusArguments,
+    DataArguments,
+    ModelArguments,
+    build_dataset,
+    check_labels,
+    checkpoint_class_names,
+    load_split,
+    resolve_class_names,
+)
+from .cli import (
+    UsageError,
+    extend_history,
+    history_entry,
+    load_checked,
+    parse_args,
+    prepare_output_dir,
+    push_folder,
+    run_main,
+    setup_logging,
+    write_history,
+)
+from .cvlp_config import CVLPConfig
+from .cvlp_trainer import CVLPTrainer
+from .data import (
+    CVLPCollator,
+    ProcessorTransform,
+    build_class_corpus,
+    check_split_classes,
+    eval_image_processor,
+    tokenize_corpus,
+    train_transform,
+)
+from .model_card import write_model_card
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, corpus_args, aug_args, args = parse_args(
+        (ModelArguments, DataArguments, CorpusArguments, AugmentationArguments, CVLPConfig), argv
+    )
+    setup_logging(args)
+    resume = prepare_output_dir(args, "run_cvlp")
+    push_to_hub, args.push_to_hub = args.push_to_hub, False  # the finished folder is pushed once, with its card
+    hub = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+
+    # ---- Data -------------------------------------------------------------------------------------------------------
+    config = load_checked("--model_name_or_path", VLLTRConfig.from_pretrained, model_args.model_name_or_path, **hub)
+    train_source, split_names = load_split(data_args, data_args.train_file, data_args.train_split, None)
+    if train_source is None:
+        raise UsageError("Give the training images: --train_file (a list file or iNaturalist JSON) or --dataset_name.")
+    class_names = resolve_class_names(data_args, split_names, checkpoint_class_names(config))
+    train_labels = check_labels(train_source, len(class_names), data_args, "training split")
+    check_split_classes(train_labels, len(class_names), "training split")
+    corpus = build_class_corpus(class_names, corpus_args.text_corpus, corpus_args.use_templates)
+    tokenizer = load_checked(
+        "--model_name_or_path", AutoTokenizer.from_pretrained, model_args.model_name_or_path, **hub
+    )
+    max_length = min(77, config.clip_config.text_config.max_position_embeddings)
+    tokens = tokenize_corpus(corpus, tokenizer, max_length, corpus_args.token_cache_dir)
+
+    image_size = config.clip_config.vision_config.image_size
+    image_processor = eval_image_processor(image_size)
+    transform = train_transform(
+        image_size, (aug_args.crop_scale_min, 1.0), aug_args.hflip, aug_args.rand_augment, aug_args.random_erasing
+    )
+    train_dataset = build_dataset(data_args, train_source, transform, "training split")
+    eval_dataset = None
+    eval_source, _ = load_split(data_args, data_args.eval_file, data_args.eval_split, len(class_names))
+    if eval_source is not None:
+        check_labels(eval_source, len(class_names), data_args, "evaluation split")
+        eval_dataset = build_dataset(data_args, eval_source, ProcessorTransform(image_processor), "evaluation split")
+
+    # ---- Models: the student and the frozen teacher (the CLIP the run starts from) ------------------------------------
+    id2label = dict(enumerate(class_names))
+    model = load_checked(
+        "--model_name_or_path",
+        VLLTRModel.from_pretrained,
+        model_args.model_name_or_path,
+        id2label=id2label,
+        label2id={name: i for i, name in id2label.items()},
+        **hub,
+    )
+    teacher = None
+    if args.distillation_beta > 0:
+        teacher = VLLTRModel.from_pretrained(model_args.model_name_or_path, **hub)
+
+    # ---- Train --------------------------------------------------------------------------------------------------------
+    trainer = CVLPTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=CVLPCollator(tokens, corpus),
+        processing_class=image_processor,
+        teacher_model=teacher,
+        corpus_tokens=tokens,
+        sentence_labels=torch.as_tensor(corpus.labels),
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    results = {"train_loss": train_result.training_loss}
+    if eval_dataset is not None:
+        results.update(trainer.evaluate())
+
+    # ---- Save: weights, remote code, tokenizer, image processor, history, card -------------------------------------------
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args.output_dir)
+        settings = {
+            "model_name_or_path": model_args.model_name_or_path,
+            "train_file": data_args.train_file or data_args.dataset_name,
+            "num_classes": len(class_names),
+            "num_train_images": len(train_dataset),
+            "num_sentences": len(corpus.sentences),
+            "templates": corpus_args.use_templates,
+            "text_corpus": corpus_args.text_corpus,
+            "learning_rate": args.learning_rate,
+            "num_train_epochs": args.num_train_epochs,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "world_size": args.world_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "global_batch_size": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+            "distillation_beta": args.distillation_beta,
+            "label_smoothing": args.label_smoothing,
+            "sampling": args.sampling,
+            "weight_decay": args.weight_decay,
+            "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+            "warmup_steps": args.warmup_steps,
+            "seed": args.seed,
+        }
+        history = extend_history(model_args.model_name_or_path, history_entry("run_cvlp", "cvlp", settings, results))
+        write_history(args.output_dir, history)
+        write_model_card(args.output_dir, history, model.config, hub_model_id=args.hub_model_id)
+        if push_to_hub:
+            push_folder(args.output_dir, args, "VL-LTR stage 1 (class-wise visual-linguistic pre-training)")
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main, "run_cvlp")

@@ -1,0 +1,148 @@
+"""Stage 2 of VL-LTR: train the language-guided recognition (LGR) head on the checkpoint from anchor selection.
+
+L_rec = CE(P_I, y) + CE(P_T, y) on Mixup / CutMix targets with label smoothing, square-root sampling, the vision
+tower frozen (reference ImageNet-LT / Places-LT; --train_vision_tower for iNaturalist).
+
+    python -m training.run_lgr --model_name_or_path OUT2 --train_file train.txt --image_root ROOT --output_dir OUT3
+
+The reference ImageNet-LT ViT-B/16 recipe on one node of 8 GPUs:
+
+    torchrun --nproc_per_node 8 -m training.run_lgr training/configs/imagenet_lt_vit_b16_stage2.json \
+        --model_name_or_path outputs/in_lt_anchors --train_file data/imagenet/ImageNet_LT_train.txt \
+        --image_root data/imagenet --output_dir outputs/in_lt_stage2
+"""
+
+from transformers import AutoTokenizer
+
+from modeling_vlltr import VLLTRForImageClassification
+
+from .arguments import (
+    AugmentationArguments,
+    DataArguments,
+    ModelArguments,
+    build_dataset,
+    check_labels,
+    checkpoint_class_names,
+    load_split,
+    resolve_class_names,
+)
+from .cli import (
+    UsageError,
+    extend_history,
+    history_entry,
+    load_checked,
+    parse_args,
+    prepare_output_dir,
+    push_folder,
+    run_main,
+    setup_logging,
+    write_history,
+)
+from .data import (
+    MixupCutmixCollator,
+    ProcessorTransform,
+    check_split_classes,
+    class_counts,
+    eval_image_processor,
+    train_transform,
+)
+from .lgr_config import LGRConfig
+from .lgr_trainer import LGRTrainer
+from .metrics import LongTailMetrics
+from .model_card import write_model_card
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, aug_args, args = parse_args(
+        (ModelArguments, DataArguments, AugmentationArguments, LGRConfig), argv
+    )
+    setup_logging(args)
+    resume = prepare_output_dir(args, "run_lgr")
+    push_to_hub, args.push_to_hub = args.push_to_hub, False  # the finished folder is pushed once, with its card
+    hub = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+
+    # ---- The checkpoint from anchor selection -------------------------------------------------------------------------
+    model = load_checked(
+        "--model_name_or_path", VLLTRForImageClassification.from_pretrained, model_args.model_name_or_path, **hub
+    )
+    if model.config.head_type == "lgr" and not bool(model.anchor_mask.any()):
+        raise UsageError(
+            f"--model_name_or_path {model_args.model_name_or_path} has no anchor sentences: run "
+            f"python -m training.run_select_anchors on the stage-1 output first."
+        )
+
+    # ---- Data ---------------------------------------------------------------------------------------------------------
+    train_source, split_names = load_split(data_args, data_args.train_file, data_args.train_split, None)
+    if train_source is None:
+        raise UsageError("Give the training images: --train_file (a list file or iNaturalist JSON) or --dataset_name.")
+    class_names = resolve_class_names(data_args, split_names, checkpoint_class_names(model.config))
+    num_classes = len(class_names)
+    train_labels = check_labels(train_source, num_classes, data_args, "training split")
+    check_split_classes(train_labels, num_classes, "training split")
+    image_size = model.config.clip_config.vision_config.image_size
+    image_processor = eval_image_processor(image_size)
+    transform = train_transform(
+        image_size, (aug_args.crop_scale_min, 1.0), aug_args.hflip, aug_args.rand_augment, aug_args.random_erasing
+    )
+    train_dataset = build_dataset(data_args, train_source, transform, "training split")
+    eval_dataset = None
+    eval_source, _ = load_split(data_args, data_args.eval_file, data_args.eval_split, num_classes)
+    if eval_source is not None:
+        check_labels(eval_source, num_classes, data_args, "evaluation split")
+        eval_dataset = build_dataset(data_args, eval_source, ProcessorTransform(image_processor), "evaluation split")
+
+    # ---- Train --------------------------------------------------------------------------------------------------------
+    collator = MixupCutmixCollator(
+        num_classes, args.mixup_alpha, args.cutmix_alpha, args.mixup_prob, args.mixup_switch_prob, args.label_smoothing
+    )
+    trainer = LGRTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=image_processor,
+        compute_metrics=LongTailMetrics(class_counts(train_labels, num_classes)),
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    results = {"train_loss": train_result.training_loss}
+    if eval_dataset is not None:
+        results.update(trainer.evaluate())
+
+    # ---- Save ---------------------------------------------------------------------------------------------------------
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        try:
+            AutoTokenizer.from_pretrained(model_args.model_name_or_path, **hub).save_pretrained(args.output_dir)
+        except (OSError, ValueError):
+            pass  # the classifier needs no tokenizer; it is copied along when the input folder has one
+        settings = {
+            "train_file": data_args.train_file or data_args.dataset_name,
+            "num_classes": num_classes,
+            "num_train_images": len(train_dataset),
+            "learning_rate": args.learning_rate,
+            "attention_learning_rate": args.attention_learning_rate,
+            "train_vision_tower": args.train_vision_tower,
+            "num_train_epochs": args.num_train_epochs,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "world_size": args.world_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "global_batch_size": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+            "mixup_alpha": args.mixup_alpha,
+            "cutmix_alpha": args.cutmix_alpha,
+            "label_smoothing": args.label_smoothing,
+            "sampling": args.sampling,
+            "weight_decay": args.weight_decay,
+            "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+            "seed": args.seed,
+        }
+        history = extend_history(model_args.model_name_or_path, history_entry("run_lgr", "lgr", settings, results))
+        write_history(args.output_dir, history)
+        write_model_card(args.output_dir, history, model.config, hub_model_id=args.hub_model_id)
+        if push_to_hub:
+            push_folder(args.output_dir, args, "VL-LTR stage 2 (language-guided recognition)")
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main, "run_lgr")

@@ -1,0 +1,56 @@
+"""What both stages' Trainers share: the long-tail sampler, the reference weight-decay rule, a hard stop on a
+non-finite loss, and logging of the loss terms."""
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+from transformers.utils import logging
+
+from .data import LongTailSampler
+
+logger = logging.get_logger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite: the run stops before the optimizer step, so no checkpoint is damaged."""
+
+
+class StageTrainer(Trainer):
+    # Our losses are per-batch means: let the Trainer divide them by the accumulation steps (hf-v5-notes §4).
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._terms: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LongTailSampler(dataset.labels, mode=self.args.sampling, seed=seed)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """Reference `optim_factory`: no weight decay on 1-D parameters and biases; everything else (including the
+        0-dim `logit_scale`, a quirk of the reference code) is decayed."""
+        return [n for n, p in model.named_parameters() if p.ndim != 1 and not n.endswith(".bias")]
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).item():
+            step = self.state.global_step + 1
+            raise NonFiniteLossError(
+                f"The training loss is {loss.item()} at step {step} (epoch {self.state.epoch or 0:.2f}); stopping "
+                f"before the optimizer step. Checkpoints already in {self.args.output_dir} are intact: lower the "
+                f"learning rate or check the data, then resume with --resume_from_checkpoint."
+            )
+
+    def _record(self, **terms: torch.Tensor | None) -> None:
+        for name, value in terms.items():
+            if value is not None:
+                self._terms[name].append(value.detach().float())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._terms and "loss" in logs:  # training logs get the averaged loss terms since the last log
+            for name, values in self._terms.items():
+                logs[name] = round(torch.stack(values).mean().item(), 6)
+            self._terms.clear()
+        super().log(logs, start_time)
