@@ -29,6 +29,16 @@ class StageTrainer(Trainer):
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return LongTailSampler(dataset.labels, mode=self.args.sampling, seed=seed)
 
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
+        """`dataloader_drop_last` is meant for training (reference `drop_last=True`); evaluation sees every image."""
+        drop_last = self.args.dataloader_drop_last
+        if not is_training:
+            self.args.dataloader_drop_last = False
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
+        finally:
+            self.args.dataloader_drop_last = drop_last
+
     def get_decay_parameter_names(self, model) -> list[str]:
         """Reference `optim_factory`: no weight decay on 1-D parameters and biases; everything else (including the
         0-dim `logit_scale`, a quirk of the reference code) is decayed."""
