@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -103,20 +104,22 @@ def read_inat_json(json_file: str | os.PathLike, image_root: str | os.PathLike, 
     category_ids = [c["id"] for c in categories]
     label_of = {cid: i for i, cid in enumerate(category_ids)}
     class_names = [str(c.get("name", c["id"])) for c in categories] or None
-    label_by_image = {}
-    for ann in data["annotations"]:
-        label_by_image[ann["image_id"]] = ann["category_id"]
+    try:
+        label_by_image = {ann["image_id"]: ann["category_id"] for ann in data["annotations"]}
+        images = [(image["id"], image["file_name"]) for image in data["images"]]
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{json_file}: an image or annotation entry lacks the key {e}.") from None
     samples = []
-    for image in data["images"]:
-        where = f"{json_file}: image id {image['id']} ({image.get('file_name')})"
-        if image["id"] not in label_by_image:
+    for image_id, file_name in images:
+        where = f"{json_file}: image id {image_id} ({file_name})"
+        if image_id not in label_by_image:
             raise DataError(f"{where}: has no annotation.")
-        category = label_by_image[image["id"]]
+        category = label_by_image[image_id]
         if label_of and category not in label_of:
             raise DataError(f"{where}: category_id {category} is not in the categories list.")
         label = label_of.get(category, category)
         _check_label(label, num_classes, where)
-        samples.append(ImageSample(os.path.join(image_root, image["file_name"]), label, where))
+        samples.append(ImageSample(os.path.join(image_root, file_name), label, where))
     if not samples:
         raise DataError(f"{json_file}: the split is empty.")
     return samples, class_names
@@ -124,13 +127,20 @@ def read_inat_json(json_file: str | os.PathLike, image_root: str | os.PathLike, 
 
 def load_rgb(image: Any) -> Image.Image:
     """Opens a path (or takes a PIL image) and returns an RGB image. CMYK, palette, RGBA and grayscale images are
-    converted; 16-bit and float images are rescaled to 8 bit first (PIL would clip them)."""
+    converted; 16-bit and float images are rescaled to 8 bit first (PIL would clip them): by their bit depth, or for
+    32-bit and float images by the smallest of 1, 255, 65535 that bounds their values."""
     if not isinstance(image, Image.Image):
         image = Image.open(image)
+    image.load()  # decode now, so a truncated file fails here (inside the caller's error handling)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        low, high = (0.0, 65535.0) if image.mode.startswith("I;16") else (float(array.min()), float(array.max()))
-        array = (array - low) / max(high - low, 1e-12) * 255.0
+        if image.mode.startswith("I;16"):
+            high = 65535.0
+        elif image.mode == "F":
+            high = 1.0 if array.max() <= 1.0 else 255.0 if array.max() <= 255.0 else float(array.max())
+        else:  # 32-bit "I": 16-bit PNGs open in this mode
+            high = 255.0 if array.max() <= 255.0 else 65535.0 if array.max() <= 65535.0 else float(array.max())
+        array = np.clip(array, 0.0, None) / high * 255.0
         image = Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), mode="L")
     if image.mode != "RGB":
         image = image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
@@ -173,12 +183,18 @@ def check_images(dataset: "ImageDataset", mode: str = "full", num_workers: int =
     else:
         return
     previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    block = 512  # checked in blocks, so the first bad file stops the check without waiting for the rest
     try:
-        with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-            results = pool.map(check, range(len(dataset)), chunksize=64)
-            for error in tqdm(results, total=len(dataset), desc="Checking images", leave=False, unit="img"):
-                if error is not None:
-                    raise DataError(error)
+        with (
+            ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool,
+            tqdm(total=len(dataset), desc="Checking images", leave=False, unit="img") as bar,
+        ):
+            for start in range(0, len(dataset), block):
+                indices = range(start, min(start + block, len(dataset)))
+                for error in pool.map(check, indices):
+                    if error is not None:
+                        raise DataError(error)
+                bar.update(len(indices))
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
@@ -208,8 +224,8 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.source[index].where if isinstance(self.source, list) else f"dataset row {index}"
 
     def load_image(self, index: int) -> Image.Image:
-        raw = self.source[index].path if isinstance(self.source, list) else self.source[index][self.image_column]
-        try:
+        try:  # a 🤗 dataset decodes the image when the row is read
+            raw = self.source[index].path if isinstance(self.source, list) else self.source[index][self.image_column]
             return load_rgb(raw)
         except Exception as e:
             raise DataError(f"{self.describe(index)}: cannot read image ({type(e).__name__}: {e})") from None
@@ -253,7 +269,7 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
         names.append(name)
     if not names:
         raise DataError(f"{path}: no class names.")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
         logger.warning(f"{path}: {len(duplicates)} class name(s) appear more than once, e.g. {duplicates[:3]}.")
     return names
@@ -310,18 +326,18 @@ def split_sentences(text: str) -> list[str]:
 def wikipedia_text(text: str) -> str:
     """The summary plus every section except References / External links / Further reading / Bibliography.
     Lines starting with "==" are section headers (their own text is not kept)."""
-    kept, keep = [], True
+    kept, dropped_level = [], None  # level ("==" = 2) of the dropped section we are in, if any
     for line in text.splitlines():
         stripped = line.strip()
         if not stripped:
             continue
         if stripped.startswith("=="):
-            title = stripped.strip("=").strip().lower()
-            if stripped.startswith("===") and not keep:
+            level = len(stripped) - len(stripped.lstrip("="))
+            if dropped_level is not None and level > dropped_level:
                 continue  # a sub-section of a dropped section stays dropped
-            keep = title not in DROPPED_SECTIONS
+            dropped_level = level if stripped.strip("=").strip().lower() in DROPPED_SECTIONS else None
             continue
-        if keep:
+        if dropped_level is None:
             kept.append(stripped)
     return "\n".join(kept)
 
@@ -365,6 +381,7 @@ def _corpus_from_json(path: Path, class_names: list[str]) -> dict[int, list[str]
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object mapping class name or index to a list of sentences.")
+    ambiguous = {name for name, count in Counter(class_names).items() if count > 1}
     index_of = {}
     for i, name in enumerate(class_names):
         index_of.setdefault(name, i)
@@ -372,7 +389,7 @@ def _corpus_from_json(path: Path, class_names: list[str]) -> dict[int, list[str]
     for key, value in data.items():
         if key in index_of:
             c = index_of[key]
-            if class_names.count(key) > 1:
+            if key in ambiguous:
                 raise DataError(f"{path}: class name {key!r} is ambiguous (it names several classes); key by index.")
         elif str(key).isdigit() and int(key) < len(class_names):
             c = int(key)
@@ -568,7 +585,8 @@ class LongTailSampler(torch.utils.data.Sampler):
         return self.num_samples
 
     def draws(self) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(state) % 2**63)
         if self.mode == "instance" and self.num_samples == len(self.labels):
             indices = torch.randperm(len(self.labels), generator=generator)
         else:

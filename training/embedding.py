@@ -61,7 +61,8 @@ def predict_logits(model, dataset, batch_size: int = 64, num_workers: int = 0, d
         for batch in tqdm(loader, desc=desc, disable=not desc, unit="batch", leave=False):
             out = model(pixel_values=batch["pixel_values"].to(device))
             for key in ("logits", "image_logits", "text_logits"):
-                if out[key] is not None:
-                    parts[key].append(out[key].float().cpu())
+                value = getattr(out, key)
+                if value is not None:
+                    parts[key].append(value.float().cpu())
             parts["labels"].append(batch["labels"])
     return {k: torch.cat(v) if v else None for k, v in parts.items()}
