@@ -86,6 +86,23 @@ def setup_logging(training_args) -> None:
     logging.get_logger("modeling_vlltr").setLevel(level)
 
 
+def load_new_head(loader: Callable, path: str, **kwargs):
+    """`loader(path, **kwargs)` for a checkpoint that lacks the weights of a head we are about to create: the
+    transformers LOAD REPORT that lists them as MISSING is expected here, so it is replaced by one line."""
+    previous = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        model, info = loader(path, output_loading_info=True, **kwargs)
+    finally:
+        logging.set_verbosity(previous)
+    if info["missing_keys"]:
+        logger.info(f"New (randomly initialised) weights, not in {path}: {sorted(info['missing_keys'])}")
+    unexpected = [k for k in info["unexpected_keys"] if not k.startswith("clip.")]
+    if info["mismatched_keys"] or unexpected:
+        logger.warning(f"{path}: unexpected {unexpected}, mismatched {info['mismatched_keys']}")
+    return model
+
+
 def load_checked(what: str, loader: Callable, path: str, **kwargs):
     """Calls `loader(path, **kwargs)`, turning a missing or wrong checkpoint into a `UsageError` naming `what`."""
     try:

@@ -38,6 +38,7 @@ from .cli import (
     extend_history,
     history_entry,
     load_checked,
+    load_new_head,
     parse_args,
     prepare_output_dir,
     push_folder,
@@ -157,8 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
         head_type="lgr",
         **hub,
     )
-    classifier = VLLTRForImageClassification.from_pretrained(
-        model_args.model_name_or_path, config=classifier_config, **hub
+    classifier = load_new_head(
+        VLLTRForImageClassification.from_pretrained, model_args.model_name_or_path, config=classifier_config, **hub
     )
     classifier.set_anchor_embeddings(anchors, mask)
     classifier.save_pretrained(args.output_dir)

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from .data import SAMPLING_MODES
@@ -40,4 +41,6 @@ class StageConfig(TrainingArguments):
     def __post_init__(self):
         if self.sampling not in SAMPLING_MODES:
             raise ValueError(f"--sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}.")
+        if self.use_cpu or not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on every loader otherwise
         super().__post_init__()

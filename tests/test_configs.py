@@ -1,0 +1,62 @@
+"""The recipe files in training/configs parse into their script's arguments and hold the reference values."""
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import TrainingArguments
+
+from training import run_cvlp, run_lgr, run_select_anchors
+from training.arguments import AugmentationArguments, CorpusArguments, DataArguments, ModelArguments
+from training.cli import parse_args
+from training.cvlp_config import CVLPConfig
+from training.lgr_config import LGRConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+SCRIPTS = {
+    "stage1": (ModelArguments, DataArguments, CorpusArguments, AugmentationArguments, CVLPConfig),
+    "anchors": (ModelArguments, DataArguments, CorpusArguments, run_select_anchors.AnchorArguments, TrainingArguments),
+    "stage2": (ModelArguments, DataArguments, AugmentationArguments, LGRConfig),
+}
+# (stage-1 lr, stage-2 lr, stage-2 epochs, fusion α, vision tower trained in stage 2): method.md §1.5, §3.6, §3.7
+REFERENCE = {
+    "imagenet_lt": (3.5e-5, 1e-3, 50, 0.2, False),
+    "places_lt": (1e-5, 5e-5, 50, 0.2, False),
+    "inat2018": (3.5e-4, 2e-5, 360, 0.7, True),
+}
+
+
+@pytest.mark.parametrize("dataset", list(REFERENCE))
+def test_recipes_parse_and_match_the_reference(dataset, tmp_path):
+    parsed = {}
+    for stage, types in SCRIPTS.items():
+        path = CONFIGS / f"{dataset}_vit_b16_{stage}.json"
+        extra = ["--output_dir", str(tmp_path / stage), "--bf16", "False"]  # the recipes ask for bf16 GPUs
+        if stage != "stage1":
+            extra += ["--model_name_or_path", "prev"]
+        parsed[stage] = parse_args(types, [str(path), *extra])
+        assert parsed[stage][-1].output_dir == str(tmp_path / stage), "command-line flags follow the file"
+    lr1, lr2, epochs2, alpha, train_tower = REFERENCE[dataset]
+    stage1, anchors, stage2 = parsed["stage1"][-1], parsed["anchors"][3], parsed["stage2"][-1]
+    assert parsed["stage1"][0].model_name_or_path == "openai/clip-vit-base-patch16"
+    assert stage1.learning_rate == lr1 and stage1.distillation_beta == 0.5 and stage1.label_smoothing == 0.1
+    assert stage1.per_device_train_batch_size * 8 * stage1.gradient_accumulation_steps == 1024
+    assert (
+        stage2.learning_rate == lr2 and stage2.num_train_epochs == epochs2 and stage2.attention_learning_rate == 1e-6
+    )
+    assert stage2.train_vision_tower is train_tower and stage2.mixup_alpha == 0.8 and stage2.cutmix_alpha == 1.0
+    assert anchors.fusion_alpha == alpha and anchors.num_anchor_sentences == 64
+    for args in (stage1, stage2):
+        assert args.sampling == "sqrt" and args.weight_decay == 0.05
+    for stage in SCRIPTS:
+        assert json.loads((CONFIGS / f"{dataset}_vit_b16_{stage}.json").read_text())["bf16"] is True
+    if dataset == "inat2018":
+        assert stage1.lr_scheduler_kwargs == {"min_lr": 1e-5} and anchors.detach_anchor_norm
+    notes = json.loads((CONFIGS / f"{dataset}_vit_b16_stage1.json").read_text())["_global_batch"]
+    assert "128" in notes and "1024" in notes
+
+
+def test_every_recipe_file_is_covered():
+    names = {p.name for p in CONFIGS.glob("*.json")}
+    assert names == {f"{d}_vit_b16_{s}.json" for d in REFERENCE for s in SCRIPTS}
+    assert run_cvlp.main and run_lgr.main
