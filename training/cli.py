@@ -12,7 +12,6 @@ from typing import Any
 
 import transformers
 from transformers import HfArgumentParser
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .data import DataError
@@ -128,13 +127,20 @@ def prepare_output_dir(training_args, script: str) -> str | None:
     out = Path(training_args.output_dir)
     resume = getattr(training_args, "resume_from_checkpoint", None)
     if resume is not None and str(resume).lower() in ("last", "true"):
-        resume = get_last_checkpoint(out) if out.is_dir() else None
+        resume = last_complete_checkpoint(out) if out.is_dir() else None
         if resume is None:
             raise UsageError(
-                f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint in {out}."
+                f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no complete checkpoint in {out}."
             )
-    elif resume is not None and not Path(resume).is_dir():
-        raise UsageError(f"--resume_from_checkpoint {resume}: no such checkpoint folder.")
+        logger.warning(f"Resuming from {resume}.")
+    elif resume is not None:
+        if not Path(resume).is_dir():
+            raise UsageError(f"--resume_from_checkpoint {resume}: no such checkpoint folder.")
+        if not checkpoint_is_complete(resume):
+            raise UsageError(
+                f"--resume_from_checkpoint {resume}: the checkpoint is incomplete (the run was stopped while saving "
+                f"it); use an earlier one or --resume_from_checkpoint last."
+            )
     if (
         out.is_dir()
         and any(out.iterdir())
@@ -153,6 +159,32 @@ def prepare_output_dir(training_args, script: str) -> str | None:
         )
     out.mkdir(parents=True, exist_ok=True)
     return resume
+
+
+def checkpoint_is_complete(folder: str | os.PathLike) -> bool:
+    """The Trainer writes a checkpoint's `trainer_state.json` last: a folder whose state file is missing or cut
+    short was interrupted while saving (a kill, a full disk) and must not be resumed from."""
+    folder = Path(folder)
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (folder / "model.safetensors").is_file()
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` in `folder` that was completely written, skipping (with a warning) any newer one
+    that was interrupted while saving."""
+    checkpoints = sorted(
+        (p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for checkpoint in checkpoints:
+        if checkpoint_is_complete(checkpoint):
+            return str(checkpoint)
+        logger.warning(f"{checkpoint} is incomplete (interrupted while saving); skipping it.")
+    return None
 
 
 def push_folder(folder: str | os.PathLike, training_args, commit_message: str) -> str:
