@@ -57,16 +57,23 @@ def _check_label(label: int, num_classes: int | None, where: str) -> None:
         raise DataError(f"{where}: label {label} is outside the class list (0..{num_classes - 1}).")
 
 
+def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
+    """The UTF-8 text of a user file; a missing or non-UTF-8 file is a one-line `DataError` naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found.") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a {what}.") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start}).") from None
+
+
 def read_image_list(list_file: str | os.PathLike, image_root: str | os.PathLike, num_classes: int | None = None):
     """Reads an ImageNet-LT / Places-LT split file: one `relative/path label` per line, paths relative to
     `image_root`. Blank lines are skipped. Returns a list of `ImageSample`."""
     samples = []
-    try:
-        lines = Path(list_file).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{list_file}: split file not found.") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{list_file}: not valid UTF-8 text ({e.reason} at byte {e.start}).") from None
+    lines = read_text_file(list_file, "split file").splitlines()
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -91,12 +98,9 @@ def read_inat_json(json_file: str | os.PathLike, image_root: str | os.PathLike, 
     `image_id` (the reference code zips the two lists by position). Categories are sorted by id and label i is the
     i-th category. Returns `(samples, class_names)`."""
     try:
-        with open(json_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{json_file}: file not found.") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{json_file}: not a valid JSON file ({e}).") from None
+        data = json.loads(read_text_file(json_file, "iNaturalist JSON file"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{json_file}: not valid JSON ({e.msg} at line {e.lineno}).") from None
     for key in ("images", "annotations"):
         if key not in data:
             raise DataError(f"{json_file}: missing the {key!r} list of an iNaturalist JSON file.")
@@ -253,12 +257,7 @@ def class_counts(labels: Sequence[int] | np.ndarray, num_classes: int) -> np.nda
 
 def read_class_names(path: str | os.PathLike) -> list[str]:
     """One class name per line; line i is label i. Underscores become spaces (as in the reference preprocessing)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: class-name file not found.") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start}).") from None
+    lines = read_text_file(path, "class-name file").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     names = []
@@ -342,13 +341,6 @@ def wikipedia_text(text: str) -> str:
     return "\n".join(kept)
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start}).") from None
-
-
 @dataclass
 class ClassCorpus:
     """The sentences of every class, grouped by class in label order (`sentences[offsets[c]:offsets[c + 1]]` are
@@ -376,7 +368,7 @@ class ClassCorpus:
 
 def _corpus_from_json(path: Path, class_names: list[str]) -> dict[int, list[str]]:
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(read_text_file(path, "corpus file"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
     if not isinstance(data, dict):
@@ -416,7 +408,7 @@ def _corpus_from_wiki_dir(folder: Path, class_names: list[str]) -> dict[int, lis
     extra = sorted(i for i in files if i >= len(class_names))
     if extra:
         raise DataError(f"{files[extra[0]]}: names class index {extra[0]}, but there are {len(class_names)} classes.")
-    return {c: split_sentences(wikipedia_text(_read_text(path))) for c, path in files.items()}
+    return {c: split_sentences(wikipedia_text(read_text_file(path, "corpus file"))) for c, path in files.items()}
 
 
 def build_class_corpus(
