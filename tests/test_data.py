@@ -202,7 +202,7 @@ def test_read_inat_json_without_categories_uses_category_ids(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("{not json", r"broken\.json: not a valid JSON file"),
+        ("{not json", r"broken\.json: not valid JSON \(Expecting property name .* at line 1\)"),
         (json.dumps({"images": []}), r"broken\.json: missing the 'annotations' list"),
         (json.dumps({"images": [], "annotations": []}), r"broken\.json: the split is empty"),
     ],
@@ -213,7 +213,7 @@ def test_read_inat_json_bad_files(tmp_path, content, message):
 
 
 def test_read_inat_json_missing_file(tmp_path):
-    with pytest.raises(DataError, match=r"gone\.json: file not found"):
+    with pytest.raises(DataError, match=r"gone\.json: iNaturalist JSON file not found"):
         read_inat_json(tmp_path / "gone.json", tmp_path)
 
 
