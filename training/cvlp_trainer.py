@@ -5,6 +5,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from transformers.utils import logging
 
 from .data import TokenizedCorpus
@@ -60,7 +61,8 @@ class CVLPTrainer(StageTrainer):
     def _teacher_embeddings(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's normalised image and sentence embeddings of a batch, (B, D) each."""
         with self.accelerator.autocast():
-            image = self.teacher.get_image_features(inputs["pixel_values"])
+            # DeepSpeed casts the batch to its bf16/fp16 student; the teacher is never wrapped and stays float32
+            image = self.teacher.get_image_features(inputs["pixel_values"].to(self.teacher.dtype))
             if self.args.teacher_text_cache and self.corpus_tokens is not None:
                 text = self._teacher_text_table()[inputs["sentence_ids"]]
             else:
@@ -142,8 +144,18 @@ class CVLPTrainer(StageTrainer):
                     surrogate = surrogate + (out.text_embeds.float() * text_grads[i]).sum()
                     if last:
                         surrogate = surrogate + out.logit_scale.float() * scale_grad
-                self.accelerator.backward(surrogate)
+                self._replay_backward(surrogate, last)
         return loss.detach()
+
+    def _replay_backward(self, surrogate: torch.Tensor, last: bool) -> None:
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            self.accelerator.backward(surrogate)
+            return
+        # DeepSpeed reduces and steps inside `backward` at an accumulation boundary, and divides by the accumulation
+        # steps unless told not to: only the window's last replay is a boundary, and the surrogate's gradient is
+        # already the window's (the Trainer's own DeepSpeed step passes scale_wrt_gas=False too).
+        self.accelerator.gradient_state._set_sync_gradients(last)
+        self.accelerator.backward(surrogate, scale_wrt_gas=False)
 
     # -- stage-1 evaluation --------------------------------------------------------------------------------------------
 

@@ -37,6 +37,13 @@ class StageConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to save checkpoints."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "Every trainable parameter is used in both stages (frozen towers have requires_grad=False), so "
+            "DDP need not search for unused ones each step."
+        },
+    )
 
     def __post_init__(self):
         if self.sampling not in SAMPLING_MODES:

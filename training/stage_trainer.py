@@ -60,7 +60,12 @@ class StageTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._terms and "loss" in logs:  # training logs get the averaged loss terms since the last log
-            for name, values in self._terms.items():
-                logs[name] = round(torch.stack(values).mean().item(), 6)
+            means = torch.stack([torch.stack(values).mean() for values in self._terms.values()])  # (T,)
+            if self.args.world_size > 1:
+                # Each process averaged its own batches (stage 2's terms are local means); every process reaches
+                # this point (the Trainer gathers the loss just before), so the terms are averaged like the loss.
+                means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
+            for name, value in zip(self._terms, means.tolist()):
+                logs[name] = round(value, 6)
             self._terms.clear()
         super().log(logs, start_time)
