@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPModel, PreTrainedModel
+from transformers import CLIPModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
@@ -247,6 +247,37 @@ def _check_labels(labels: torch.Tensor, batch_size: int, num_labels: int) -> Non
         raise ValueError(f"labels must lie in [0, {num_labels}), got {bad}.")
 
 
+def _raise_if_anchor_shapes_differ(pretrained_model_name_or_path, kwargs: dict) -> None:
+    """After transformers refused a checkpoint for a size mismatch: if the anchor buffers are the ones that differ
+    from the config, raise a `ValueError` naming them and both shapes. Reads only the safetensors header."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+    config = kwargs.get("config")
+    if not isinstance(config, PreTrainedConfig):
+        config = VLLTRConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+    try:
+        weights = cached_file(pretrained_model_name_or_path, "model.safetensors", **hub)
+        with safe_open(weights, framework="pt") as f:
+            shapes = {
+                k: tuple(f.get_slice(k).get_shape()) for k in ("anchor_text_embeds", "anchor_mask") if k in f.keys()
+            }
+    except (OSError, ValueError):
+        return  # sharded or unreadable: keep transformers' own error
+    expected = {
+        "anchor_text_embeds": (config.num_labels, config.num_anchor_sentences, config.projection_dim),
+        "anchor_mask": (config.num_labels, config.num_anchor_sentences),
+    }
+    for name, shape in shapes.items():
+        if shape != expected[name]:
+            raise ValueError(
+                f"{name} in {pretrained_model_name_or_path} has shape {shape}, but the config expects (num_labels, "
+                f"num_anchor_sentences{', projection_dim' if name == 'anchor_text_embeds' else ''}) = "
+                f"{expected[name]}: the checkpoint's weights and config.json disagree."
+            )
+
+
 def _recheck_anchors_after_load(module: nn.Module, incompatible_keys) -> None:
     module._anchors_checked = False  # new anchors arrived through load_state_dict: check them before the next forward
 
@@ -465,7 +496,12 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        try:
+            result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" in str(error):  # transformers' message names no tensor: find the anchors
+                _raise_if_anchor_shapes_differ(pretrained_model_name_or_path, kwargs)
+            raise
         model = result[0] if isinstance(result, tuple) else result
         if model.config.head_type == "lgr" and model.anchor_mask.any():
             # Anchors came from the checkpoint: refuse NaN / a class without anchors now, not at the first batch.

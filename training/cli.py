@@ -16,7 +16,7 @@ from transformers.utils import logging
 
 from .data import DataError
 from .io_utils import atomic_write_json
-from .stage_trainer import NonFiniteLossError
+from .stage_trainer import CheckpointWriteError, NonFiniteLossError
 
 logger = logging.get_logger(__name__)
 
@@ -69,10 +69,10 @@ def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str]
     see the traceback."""
     try:
         return main(argv)
-    except (DataError, UsageError, NonFiniteLossError) as e:
+    except (DataError, UsageError, NonFiniteLossError, CheckpointWriteError) as e:
         if os.environ.get("VLLTR_DEBUG"):
             raise
-        message = " ".join(str(e).split())
+        message = " ".join((e.strerror if isinstance(e, CheckpointWriteError) else str(e)).split())
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -4,7 +4,7 @@ non-finite loss, and logging of the loss terms."""
 from collections import defaultdict
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .data import LongTailSampler
@@ -13,7 +13,23 @@ logger = logging.get_logger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite: the run stops before the optimizer step, so no checkpoint is damaged."""
+    """The loss or the gradients became NaN or infinite: the run stops before the optimizer step, so no checkpoint
+    holds damaged weights."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (e.g. a full disk): the earlier checkpoints are intact."""
+
+
+class _FiniteGradientGuard(TrainerCallback):
+    """Stops the run before an optimizer step with NaN / inf gradients (a finite loss can still blow up the
+    gradients), so that step's weights never reach a checkpoint."""
+
+    def __init__(self, trainer: "StageTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._check_finite_gradients()
 
 
 class StageTrainer(Trainer):
@@ -23,6 +39,7 @@ class StageTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._terms: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.add_callback(_FiniteGradientGuard(self))
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -52,6 +69,28 @@ class StageTrainer(Trainer):
                 f"before the optimizer step. Checkpoints already in {self.args.output_dir} are intact: lower the "
                 f"learning rate or check the data, then resume with --resume_from_checkpoint."
             )
+
+    def _check_finite_gradients(self) -> None:
+        if self.accelerator.scaler is not None:
+            return  # fp16 loss scaling expects inf gradients now and then and skips those steps itself
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all().item():
+            step = self.state.global_step + 1
+            raise NonFiniteLossError(
+                f"The gradients are NaN or infinite at step {step} (epoch {self.state.epoch or 0:.2f}) although the "
+                f"loss was finite; stopping before the optimizer step. Checkpoints already in {self.args.output_dir} "
+                f"are intact: lower the learning rate or set --max_grad_norm, then resume with --resume_from_checkpoint."
+            )
+
+    def _save_checkpoint(self, model, trial) -> None:
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as e:
+            raise CheckpointWriteError(
+                e.errno,
+                f"Writing checkpoint-{self.state.global_step} in {self.args.output_dir} failed ({e.strerror or e}); "
+                f"the earlier checkpoints are intact: free space, then resume with --resume_from_checkpoint last.",
+            ) from e
 
     def _record(self, **terms: torch.Tensor | None) -> None:
         for name, value in terms.items():
