@@ -252,7 +252,7 @@ def embed_and_select_anchors(
     show_progress: bool = True,
 ) -> tuple[torch.LongTensor, torch.BoolTensor, torch.Tensor | None, torch.Tensor]:
     """Embeds the corpus with the stage-1 text tower and picks each class's anchors, in chunks of whole classes so
-    memory holds one chunk of sentence embeddings plus each class's M best so far, not the corpus.
+    memory holds one chunk of sentence embeddings (about `chunk_sentences` x D) plus the anchors, not the corpus.
 
     For "anss" every sentence is embedded and scored (`score_sentences`); the M lowest per class are kept. For
     "cutoff" and "random" only the chosen sentences are embedded.
@@ -277,27 +277,36 @@ def embed_and_select_anchors(
         raise ValueError("The corpus must list its sentences grouped by class, in label order.")
     offsets = torch.cumsum(torch.bincount(sentence_labels, minlength=num_classes), 0).tolist()
     scores = torch.empty(len(sentence_labels))
-    kept: dict[int, torch.Tensor] = {}  # sentence index -> embedding, for each class's M lowest scores so far
+    # Each chunk holds whole classes, so a class's M best in its chunk are its anchors: they are written straight into
+    # the output (no per-sentence copies, nothing of the chunk kept alive) and checked against select_anchors below.
+    anchors: torch.Tensor | None = None  # (C, M, D)
+    picked = torch.full((num_classes, num_anchors), -1, dtype=torch.long)  # (C, M) sentence of each anchor slot
     start = 0
     bar = tqdm(total=len(sentence_labels), desc="Scoring sentences", disable=not show_progress, unit="sent")
     while start < len(sentence_labels):
         end = next((o for o in offsets if o >= start + chunk_sentences), len(sentence_labels))  # whole classes
-        chunk = torch.cat([e for _, e in iter_text_embeddings(model, tokens, batch_size, start, end)])  # (n, D)
-        scores[start:end] = score_sentences(
-            chunk, sentence_labels[start:end], image_embeds, image_labels, model_scale(model)
-        )
-        for c in sentence_labels[start:end].unique().tolist():
-            rows = (sentence_labels[start:end] == c).nonzero().flatten()
-            best = rows[torch.sort(scores[start:end][rows], stable=True).indices[:num_anchors]]
-            for r in best.tolist():
-                kept[start + r] = chunk[r].cpu()
+        chunk = None  # (n, D), filled batch by batch (no list of batches plus a concatenated copy)
+        for rows, embeds in iter_text_embeddings(model, tokens, batch_size, start, end):
+            if chunk is None:
+                chunk = embeds.new_empty(end - start, embeds.shape[-1])
+            chunk[rows.start - start : rows.stop - start] = embeds
+        chunk_labels = sentence_labels[start:end]
+        scores[start:end] = score_sentences(chunk, chunk_labels, image_embeds, image_labels, model_scale(model))
+        if anchors is None:
+            anchors = torch.zeros(num_classes, num_anchors, chunk.shape[-1])
+        for c in chunk_labels.unique().tolist():
+            if c >= num_classes:
+                continue  # select_anchors below names the bad labels
+            rows = (chunk_labels == c).nonzero().flatten()
+            best = rows[torch.sort(scores[start:end][rows], stable=True).indices[:num_anchors]]  # ascending score
+            anchors[c, : len(best)] = chunk[best].cpu()
+            picked[c, : len(best)] = start + best
         bar.update(end - start)
         start = end
     bar.close()
     indices, mask = select_anchors(scores, sentence_labels, num_classes, num_anchors, "anss", seed)
-    dim = next(iter(kept.values())).shape[-1]
-    anchors = torch.zeros(num_classes, num_anchors, dim)
-    anchors[mask] = torch.stack([kept[i] for i in indices[mask].tolist()])
+    if not torch.equal(picked, indices):
+        raise RuntimeError("The per-chunk anchor choice differs from select_anchors; please report this.")
     return indices, mask, scores, anchors
 
 

@@ -1,0 +1,271 @@
+"""What every benchmark case shares: real-size random CLIP configs and inputs, alternating timing of our step and
+the floor's, peak memory of one step, and the JSON line each case prints."""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import CLIPConfig
+
+# CLIP ViT-B/16 (openai/clip-vit-base-patch16) dimensions; the weights are random, the cost is the real one.
+VISION = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    patch_size=16,
+    image_size=224,
+)
+TEXT = dict(
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    max_position_embeddings=77,
+    vocab_size=49408,
+)
+PROJECTION_DIM = 512
+NUM_ANCHORS = 64  # M
+SOT, EOT = 49406, 49407  # CLIP's start / end-of-text ids; the HF tokenizer pads with EOT
+
+MB = 2**20
+
+
+def vit_b16_clip_config() -> CLIPConfig:
+    return CLIPConfig(vision_config=dict(VISION), text_config=dict(TEXT), projection_dim=PROJECTION_DIM)
+
+
+# --- command line and set-up
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per side (alternating)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per side before timing")
+    p.add_argument("--quick", action="store_true", help="fewer repeats (3 per side); nothing else changes")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def setup(args, default_repeats: int) -> torch.device:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else default_repeats
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    log(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    return device
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# --- inputs
+
+
+def random_pixels(batch: int, device, seed: int = 0) -> torch.Tensor:
+    size = VISION["image_size"]
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def random_sentences(
+    num: int, length: int, seed: int = 0, min_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids laid out like the CLIP tokenizer's: SOT, words, EOT, then EOT padding to `length`. Each sentence
+    has `min_length..length` real tokens (all `length` by default); the attention mask marks them."""
+    g = torch.Generator().manual_seed(seed)
+    min_length = length if min_length is None else min_length
+    lengths = torch.randint(min_length, length + 1, (num,), generator=g)
+    lengths[0] = length  # the longest sentence sets the padded length, as the collators trim to it
+    ids = torch.randint(0, SOT, (num, length), generator=g)
+    positions = torch.arange(length)[None, :]
+    ids[:, 0] = SOT
+    ids = torch.where(positions >= (lengths[:, None] - 1), EOT, ids)
+    mask = (positions < lengths[:, None]).long()
+    return ids, mask
+
+
+# --- timing
+
+
+@dataclass
+class Side:
+    """One side of a comparison: `step` is timed; `reset` runs before every step, untimed (e.g. grads to None)."""
+
+    step: Callable[[], object]
+    reset: Callable[[], None] | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_step(side: Side, device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one step."""
+    if side.reset is not None:
+        side.reset()
+    _sync(device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    side.step()
+    _sync(device)
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+@dataclass
+class Timings:
+    ours: list[float]  # wall seconds per step
+    floor: list[float]
+    ours_cpu: list[float]  # CPU seconds of the process per step (all threads), less sensitive to other load
+    floor_cpu: list[float]
+
+
+def alternate(ours: Side, floor: Side, device, repeats: int, warmup: int = 1) -> Timings:
+    """Warms each side up, then times them alternately in one process: ours, floor, floor, ours, ... (the order
+    flips every round so a slow drift of the machine hits both sides alike)."""
+    for i in range(warmup):
+        log(
+            f"warm-up {i + 1}/{warmup}: ours {run_step(ours, device)[0]:.3f}s, floor {run_step(floor, device)[0]:.3f}s"
+        )
+    t = Timings([], [], [], [])
+    for i in range(repeats):
+        order = [(ours, t.ours, t.ours_cpu), (floor, t.floor, t.floor_cpu)]
+        for side, wall, cpu in order if i % 2 == 0 else order[::-1]:
+            w, c = run_step(side, device)
+            wall.append(w)
+            cpu.append(c)
+        log(f"round {i + 1}/{repeats}: ours {t.ours[-1]:.3f}s, floor {t.floor[-1]:.3f}s (wall)")
+    return t
+
+
+# --- memory
+
+
+def _profiled_peak_cpu(step: Callable[[], object]) -> int:
+    """Peak CPU tensor memory allocated while `step` runs, above what was allocated before it: every allocation and
+    free of the c10 CPU allocator is a profiler "[memory]" event (+/- bytes); their running sum over time peaks at
+    the step's high-water mark. Memory freed during the step that was allocated before it counts negative."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def peak_memory_mb(side: Side, device) -> float:
+    """Peak tensor memory of one step above what was resident before it, in MiB (CUDA: max_memory_allocated)."""
+    if side.reset is not None:
+        side.reset()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        side.step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / MB
+    return _profiled_peak_cpu(side.step) / MB
+
+
+def check_memory_probe() -> None:
+    """Validates the CPU method on a known pattern: 4 MB + 8 MB live, 4 MB freed, 2 MB more: the peak is 12 MB."""
+
+    def step():
+        a = torch.empty(1_000_000)
+        b = torch.empty(2_000_000)
+        del a
+        c = torch.empty(500_000)
+        return b, c
+
+    peak = _profiled_peak_cpu(lambda: step())
+    if peak != 12_000_000:
+        raise RuntimeError(f"CPU memory probe measured {peak} bytes for a 12,000,000-byte pattern")
+    log("memory probe ok: 12,000,000 bytes measured for a known 12,000,000-byte pattern")
+
+
+def tensors_mb(*items) -> float:
+    """MiB held by modules (parameters and buffers) and tensors, each storage counted once."""
+    seen, total = set(), 0
+    for item in items:
+        tensors = list(item.parameters()) + list(item.buffers()) if isinstance(item, nn.Module) else [item]
+        for t in tensors:
+            if t is None:
+                continue
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return round(total / MB, 1)
+
+
+# --- the result line
+
+
+def emit(
+    case: str,
+    timings: Timings,
+    bound: float,
+    ours_peak_mb: float,
+    floor_peak_mb: float,
+    memory_bound: float,
+    batch,
+    note: str,
+    device,
+    memory_ratio: float | None = None,
+    **extra,
+) -> dict:
+    ours_s, floor_s = statistics.median(timings.ours), statistics.median(timings.floor)
+    ratio = ours_s / floor_s
+    ours_cpu_s, floor_cpu_s = statistics.median(timings.ours_cpu), statistics.median(timings.floor_cpu)
+    if memory_ratio is None:
+        memory_ratio = ours_peak_mb / floor_peak_mb
+    result = {
+        "case": case,
+        "ours_s": round(ours_s, 4),
+        "floor_s": round(floor_s, 4),
+        "ratio": round(ratio, 3),
+        "bound": bound,
+        "ok": ratio <= bound,
+        "ours_peak_mb": round(ours_peak_mb, 1),
+        "floor_peak_mb": round(floor_peak_mb, 1),
+        "memory_ratio": round(memory_ratio, 3),
+        "memory_bound": memory_bound,
+        "memory_ok": memory_ratio <= memory_bound,
+        "batch": batch,
+        "note": note,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "repeats": len(timings.ours),
+        **extra,
+        "ours_times_s": [round(t, 3) for t in timings.ours],
+        "floor_times_s": [round(t, 3) for t in timings.floor],
+        # median over rounds of ours/floor within the round: a second estimate, robust to slow drift of the machine
+        "paired_ratio": round(statistics.median(o / f for o, f in zip(timings.ours, timings.floor)), 3),
+        "cpu_time_ratio": round(ours_cpu_s / floor_cpu_s, 3),
+        "ours_cpu_s": round(ours_cpu_s, 3),
+        "floor_cpu_s": round(floor_cpu_s, 3),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(result), flush=True)
+    return result
