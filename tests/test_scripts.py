@@ -151,3 +151,38 @@ def test_a_used_output_folder_is_refused(pipeline_run, lt_dataset, tiny_clip_dir
         len(err.splitlines()) == 1 and "already holds a run from run_cvlp" in err and "--resume_from_checkpoint" in err
     )
     assert sorted(p.name for p in (out / "stage1").iterdir()) == before
+
+
+def test_stage1_from_an_imagefolder_dataset_and_an_inaturalist_json(tiny_clip_dir, lt_dataset, tmp_path):
+    """The other two data sources a user can bring: a 🤗 `datasets` image folder (class names from its ClassLabel
+    feature) and iNaturalist 2018 JSON files (class names from the categories)."""
+    import shutil
+
+    rows = [line.split() for line in open(lt_dataset["train"]).read().splitlines() if line.strip()]
+    folder = tmp_path / "imagefolder" / "train"
+    for path, label in rows:
+        target = folder / f"class_{label}"
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f"{lt_dataset['root']}/{path}", target)
+    results = run_cvlp.main(
+        ["--model_name_or_path", tiny_clip_dir, "--dataset_name", "imagefolder", "--data_dir",
+         str(tmp_path / "imagefolder"), "--text_corpus", "templates", "--output_dir", str(tmp_path / "hf"),
+         "--max_steps", "1", "--per_device_train_batch_size", "4", *FAST]
+    )  # fmt: skip
+    assert results["train_loss"] > 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == [f"class_{c}" for c in range(4)]
+
+    inat = {
+        "images": [{"id": 100 + i, "file_name": path} for i, (path, _) in enumerate(rows)][::-1],  # other order
+        "annotations": [{"id": i, "image_id": 100 + i, "category_id": 10 + int(y)} for i, (_, y) in enumerate(rows)],
+        "categories": [{"id": 10 + c, "name": name} for c, name in enumerate(["red", "green", "blue", "yellow"])],
+    }
+    (tmp_path / "train2018.json").write_text(json.dumps(inat))
+    run_cvlp.main(
+        ["--model_name_or_path", tiny_clip_dir, "--train_file", str(tmp_path / "train2018.json"), "--image_root",
+         lt_dataset["root"], "--text_corpus", "templates", "--output_dir", str(tmp_path / "inat"), "--max_steps", "1",
+         "--per_device_train_batch_size", "4", *FAST]
+    )  # fmt: skip
+    config = json.loads((tmp_path / "inat" / "config.json").read_text())
+    assert [config["id2label"][str(c)] for c in range(4)] == ["red", "green", "blue", "yellow"]
