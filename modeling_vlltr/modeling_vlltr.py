@@ -364,11 +364,12 @@ class VLLTRModel(VLLTRPreTrainedModel):
 
     def forward(
         self,
-        pixel_values: torch.FloatTensor | None = None,
         input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
     ) -> VLLTRModelOutput:
+        """Like `CLIPModel.forward` (same argument order): scaled similarities of every image to every text."""
         if input_ids is None:
             raise ValueError(
                 "VLLTRModel.forward needs input_ids and pixel_values (use get_image_features for images)."
