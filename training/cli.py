@@ -235,6 +235,35 @@ def history_entry(script: str, stage: str, settings: dict, results: dict | None 
     }
 
 
+def schedule_settings(args) -> dict:
+    """The optimisation settings both training stages record in their history (and so in the model card)."""
+    return {
+        "learning_rate": args.learning_rate,
+        "num_train_epochs": args.num_train_epochs,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "world_size": args.world_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "global_batch_size": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+        "sampling": args.sampling,
+        "weight_decay": args.weight_decay,
+        "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+        "warmup_steps": args.warmup_steps,
+        "seed": args.seed,
+    }
+
+
+def record_run(folder, source, entry: dict, config, args, push_to_hub: bool = False, message: str = "") -> None:
+    """Appends `entry` to the input checkpoint's history in `folder`, regenerates the model card from it, and pushes
+    `folder` to --hub_model_id when asked."""
+    from .model_card import write_model_card
+
+    history = extend_history(source, entry)
+    write_history(folder, history)
+    write_model_card(folder, history, config, hub_model_id=args.hub_model_id)
+    if push_to_hub:
+        push_folder(folder, args, message)
+
+
 def extend_history(source: str | os.PathLike, entry: dict) -> list[dict]:
     """The history of the input checkpoint (if it is a local folder), plus `entry`."""
     history = read_history(source) if Path(str(source)).is_dir() else []

@@ -33,15 +33,14 @@ from .arguments import (
 )
 from .cli import (
     UsageError,
-    extend_history,
     history_entry,
     load_checked,
     parse_args,
     prepare_output_dir,
-    push_folder,
+    record_run,
     run_main,
+    schedule_settings,
     setup_logging,
-    write_history,
 )
 from .cvlp_config import CVLPConfig
 from .cvlp_trainer import CVLPTrainer
@@ -54,7 +53,6 @@ from .data import (
     tokenize_corpus,
     train_transform,
 )
-from .model_card import write_model_card
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -136,25 +134,15 @@ def main(argv: list[str] | None = None) -> dict:
             "num_sentences": len(corpus.sentences),
             "templates": corpus_args.use_templates,
             "text_corpus": corpus_args.text_corpus,
-            "learning_rate": args.learning_rate,
-            "num_train_epochs": args.num_train_epochs,
-            "per_device_train_batch_size": args.per_device_train_batch_size,
-            "world_size": args.world_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "global_batch_size": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
             "distillation_beta": args.distillation_beta,
             "label_smoothing": args.label_smoothing,
-            "sampling": args.sampling,
-            "weight_decay": args.weight_decay,
-            "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
-            "warmup_steps": args.warmup_steps,
-            "seed": args.seed,
+            **schedule_settings(args),
         }
-        history = extend_history(model_args.model_name_or_path, history_entry("run_cvlp", "cvlp", settings, results))
-        write_history(args.output_dir, history)
-        write_model_card(args.output_dir, history, model.config, hub_model_id=args.hub_model_id)
-        if push_to_hub:
-            push_folder(args.output_dir, args, "VL-LTR stage 1 (class-wise visual-linguistic pre-training)")
+        entry = history_entry("run_cvlp", "cvlp", settings, results)
+        record_run(
+            args.output_dir, model_args.model_name_or_path, entry, model.config, args, push_to_hub,
+            "VL-LTR stage 1 (class-wise visual-linguistic pre-training)",
+        )  # fmt: skip
     return results
 
 

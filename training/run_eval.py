@@ -28,20 +28,18 @@ from .arguments import (
 )
 from .cli import (
     UsageError,
-    extend_history,
     history_entry,
     load_checked,
     parse_args,
     prepare_output_dir,
     push_folder,
+    record_run,
     run_main,
     setup_logging,
-    write_history,
 )
 from .data import ProcessorTransform, class_counts, eval_image_processor
 from .embedding import predict_logits
 from .metrics import ShotThresholds, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
-from .model_card import write_model_card
 
 
 @dataclass
@@ -153,9 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
             "shot_logits": eval_args.shot_logits,
             "dataset_tag": eval_args.dataset_tag,
         }
-        history = extend_history(checkpoint, history_entry("run_eval", "eval", settings, metrics))
-        write_history(checkpoint, history)
-        write_model_card(checkpoint, history, model.config, hub_model_id=args.hub_model_id)
+        entry = history_entry("run_eval", "eval", settings, metrics)
+        record_run(checkpoint, checkpoint, entry, model.config, args)
     if args.push_to_hub:
         push_folder(checkpoint, args, f"VL-LTR evaluated: top-1 {metrics['top1']:.4f}")
     return report

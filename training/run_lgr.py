@@ -28,15 +28,14 @@ from .arguments import (
 )
 from .cli import (
     UsageError,
-    extend_history,
     history_entry,
     load_checked,
     parse_args,
     prepare_output_dir,
-    push_folder,
+    record_run,
     run_main,
+    schedule_settings,
     setup_logging,
-    write_history,
 )
 from .data import (
     MixupCutmixCollator,
@@ -49,7 +48,6 @@ from .data import (
 from .lgr_config import LGRConfig
 from .lgr_trainer import LGRTrainer
 from .metrics import LongTailMetrics
-from .model_card import write_model_card
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -120,27 +118,18 @@ def main(argv: list[str] | None = None) -> dict:
             "train_file": data_args.train_file or data_args.dataset_name,
             "num_classes": num_classes,
             "num_train_images": len(train_dataset),
-            "learning_rate": args.learning_rate,
             "attention_learning_rate": args.attention_learning_rate,
             "train_vision_tower": args.train_vision_tower,
-            "num_train_epochs": args.num_train_epochs,
-            "per_device_train_batch_size": args.per_device_train_batch_size,
-            "world_size": args.world_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "global_batch_size": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
             "mixup_alpha": args.mixup_alpha,
             "cutmix_alpha": args.cutmix_alpha,
             "label_smoothing": args.label_smoothing,
-            "sampling": args.sampling,
-            "weight_decay": args.weight_decay,
-            "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
-            "seed": args.seed,
+            **schedule_settings(args),
         }
-        history = extend_history(model_args.model_name_or_path, history_entry("run_lgr", "lgr", settings, results))
-        write_history(args.output_dir, history)
-        write_model_card(args.output_dir, history, model.config, hub_model_id=args.hub_model_id)
-        if push_to_hub:
-            push_folder(args.output_dir, args, "VL-LTR stage 2 (language-guided recognition)")
+        entry = history_entry("run_lgr", "lgr", settings, results)
+        record_run(
+            args.output_dir, model_args.model_name_or_path, entry, model.config, args, push_to_hub,
+            "VL-LTR stage 2 (language-guided recognition)",
+        )  # fmt: skip
     return results
 
 

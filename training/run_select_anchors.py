@@ -35,21 +35,18 @@ from .arguments import (
 )
 from .cli import (
     UsageError,
-    extend_history,
     history_entry,
     load_checked,
     load_new_head,
     parse_args,
     prepare_output_dir,
-    push_folder,
+    record_run,
     run_main,
     setup_logging,
-    write_history,
 )
 from .data import ProcessorTransform, build_class_corpus, eval_image_processor, tokenize_corpus
 from .embedding import embed_images
 from .io_utils import atomic_write_json, atomic_write_text
-from .model_card import write_model_card
 
 
 @dataclass
@@ -210,13 +207,11 @@ def main(argv: list[str] | None = None) -> dict:
         "detach_anchor_norm": anchor_args.detach_anchor_norm,
         "logit_scale": float(stage1.clip.logit_scale.detach().exp()),
     }
-    history = extend_history(
-        model_args.model_name_or_path, history_entry("run_select_anchors", "anss", settings, results)
-    )
-    write_history(args.output_dir, history)
-    write_model_card(args.output_dir, history, classifier.config, hub_model_id=args.hub_model_id)
-    if args.push_to_hub:
-        push_folder(args.output_dir, args, "VL-LTR anchors (anchor sentence selection)")
+    entry = history_entry("run_select_anchors", "anss", settings, results)
+    record_run(
+        args.output_dir, model_args.model_name_or_path, entry, classifier.config, args, args.push_to_hub,
+        "VL-LTR anchors (anchor sentence selection)",
+    )  # fmt: skip
     return results
 
 
