@@ -8,10 +8,14 @@ import numpy as np
 from .data import (
     DataError,
     ImageDataset,
+    ProcessorTransform,
     check_images,
+    check_split_classes,
+    eval_image_processor,
     read_class_names,
     read_image_list,
     read_inat_json,
+    train_transform,
 )
 
 
@@ -190,3 +194,32 @@ def check_labels(source, num_classes: int, data_args: DataArguments, split_label
             f"{split_label} row {int(bad[0])}: label {labels[bad[0]]} is outside the class list (0..{num_classes - 1})."
         )
     return labels
+
+
+def read_training_split(data_args: DataArguments, checkpoint_names: list[str] | None):
+    """The training split both stages read: its source, the class names and its labels, checked (labels within the
+    class list, at least two classes) before any image is opened. Returns `(source, class_names, labels)`."""
+    source, split_names = load_split(data_args, data_args.train_file, data_args.train_split, None)
+    if source is None:
+        raise DataError("Give the training images: --train_file (a list file or iNaturalist JSON) or --dataset_name.")
+    class_names = resolve_class_names(data_args, split_names, checkpoint_names)
+    labels = check_labels(source, len(class_names), data_args, "training split")
+    check_split_classes(labels, len(class_names), "training split")
+    return source, class_names, labels
+
+
+def build_training_datasets(data_args: DataArguments, aug_args: AugmentationArguments, source, num_classes: int,
+                            image_size: int):  # fmt: skip
+    """The training dataset (training augmentation) and, when --eval_file / --eval_split is given, the evaluation
+    dataset (the evaluation image processor), every image checked. Returns `(train, eval or None, processor)`."""
+    image_processor = eval_image_processor(image_size)
+    transform = train_transform(
+        image_size, (aug_args.crop_scale_min, 1.0), aug_args.hflip, aug_args.rand_augment, aug_args.random_erasing
+    )
+    train_dataset = build_dataset(data_args, source, transform, "training split")
+    eval_dataset = None
+    eval_source, _ = load_split(data_args, data_args.eval_file, data_args.eval_split, num_classes)
+    if eval_source is not None:
+        check_labels(eval_source, num_classes, data_args, "evaluation split")
+        eval_dataset = build_dataset(data_args, eval_source, ProcessorTransform(image_processor), "evaluation split")
+    return train_dataset, eval_dataset, image_processor

@@ -25,14 +25,11 @@ from .arguments import (
     CorpusArguments,
     DataArguments,
     ModelArguments,
-    build_dataset,
-    check_labels,
+    build_training_datasets,
     checkpoint_class_names,
-    load_split,
-    resolve_class_names,
+    read_training_split,
 )
 from .cli import (
-    UsageError,
     history_entry,
     load_checked,
     parse_args,
@@ -46,12 +43,8 @@ from .cvlp_config import CVLPConfig
 from .cvlp_trainer import CVLPTrainer
 from .data import (
     CVLPCollator,
-    ProcessorTransform,
     build_class_corpus,
-    check_split_classes,
-    eval_image_processor,
     tokenize_corpus,
-    train_transform,
 )
 
 
@@ -66,12 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- Data -------------------------------------------------------------------------------------------------------
     config = load_checked("--model_name_or_path", VLLTRConfig.from_pretrained, model_args.model_name_or_path, **hub)
-    train_source, split_names = load_split(data_args, data_args.train_file, data_args.train_split, None)
-    if train_source is None:
-        raise UsageError("Give the training images: --train_file (a list file or iNaturalist JSON) or --dataset_name.")
-    class_names = resolve_class_names(data_args, split_names, checkpoint_class_names(config))
-    train_labels = check_labels(train_source, len(class_names), data_args, "training split")
-    check_split_classes(train_labels, len(class_names), "training split")
+    train_source, class_names, train_labels = read_training_split(data_args, checkpoint_class_names(config))
     corpus = build_class_corpus(class_names, corpus_args.text_corpus, corpus_args.use_templates)
     tokenizer = load_checked(
         "--model_name_or_path", AutoTokenizer.from_pretrained, model_args.model_name_or_path, **hub
@@ -80,16 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = tokenize_corpus(corpus, tokenizer, max_length, corpus_args.token_cache_dir)
 
     image_size = config.clip_config.vision_config.image_size
-    image_processor = eval_image_processor(image_size)
-    transform = train_transform(
-        image_size, (aug_args.crop_scale_min, 1.0), aug_args.hflip, aug_args.rand_augment, aug_args.random_erasing
+    train_dataset, eval_dataset, image_processor = build_training_datasets(
+        data_args, aug_args, train_source, len(class_names), image_size
     )
-    train_dataset = build_dataset(data_args, train_source, transform, "training split")
-    eval_dataset = None
-    eval_source, _ = load_split(data_args, data_args.eval_file, data_args.eval_split, len(class_names))
-    if eval_source is not None:
-        check_labels(eval_source, len(class_names), data_args, "evaluation split")
-        eval_dataset = build_dataset(data_args, eval_source, ProcessorTransform(image_processor), "evaluation split")
 
     # ---- Models: the student and the frozen teacher (the CLIP the run starts from) ------------------------------------
     id2label = dict(enumerate(class_names))

@@ -20,11 +20,9 @@ from .arguments import (
     AugmentationArguments,
     DataArguments,
     ModelArguments,
-    build_dataset,
-    check_labels,
+    build_training_datasets,
     checkpoint_class_names,
-    load_split,
-    resolve_class_names,
+    read_training_split,
 )
 from .cli import (
     UsageError,
@@ -39,11 +37,7 @@ from .cli import (
 )
 from .data import (
     MixupCutmixCollator,
-    ProcessorTransform,
-    check_split_classes,
     class_counts,
-    eval_image_processor,
-    train_transform,
 )
 from .lgr_config import LGRConfig
 from .lgr_trainer import LGRTrainer
@@ -70,24 +64,11 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     # ---- Data ---------------------------------------------------------------------------------------------------------
-    train_source, split_names = load_split(data_args, data_args.train_file, data_args.train_split, None)
-    if train_source is None:
-        raise UsageError("Give the training images: --train_file (a list file or iNaturalist JSON) or --dataset_name.")
-    class_names = resolve_class_names(data_args, split_names, checkpoint_class_names(model.config))
+    train_source, class_names, train_labels = read_training_split(data_args, checkpoint_class_names(model.config))
     num_classes = len(class_names)
-    train_labels = check_labels(train_source, num_classes, data_args, "training split")
-    check_split_classes(train_labels, num_classes, "training split")
-    image_size = model.config.clip_config.vision_config.image_size
-    image_processor = eval_image_processor(image_size)
-    transform = train_transform(
-        image_size, (aug_args.crop_scale_min, 1.0), aug_args.hflip, aug_args.rand_augment, aug_args.random_erasing
+    train_dataset, eval_dataset, image_processor = build_training_datasets(
+        data_args, aug_args, train_source, num_classes, model.config.clip_config.vision_config.image_size
     )
-    train_dataset = build_dataset(data_args, train_source, transform, "training split")
-    eval_dataset = None
-    eval_source, _ = load_split(data_args, data_args.eval_file, data_args.eval_split, num_classes)
-    if eval_source is not None:
-        check_labels(eval_source, num_classes, data_args, "evaluation split")
-        eval_dataset = build_dataset(data_args, eval_source, ProcessorTransform(image_processor), "evaluation split")
 
     # ---- Train --------------------------------------------------------------------------------------------------------
     collator = MixupCutmixCollator(
