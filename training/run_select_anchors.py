@@ -96,9 +96,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- Class names, corpus and the selection images ----------------------------------------------------------------
     config = load_checked("--model_name_or_path", VLLTRConfig.from_pretrained, model_args.model_name_or_path, **hub)
-    if data_args.class_names is None and checkpoint_class_names(config) is None and not data_args.dataset_name:
-        if not (data_args.train_file or "").endswith(".json"):
-            raise UsageError("Pass --class_names (one class name per line).")
     selection, split_names = load_split(data_args, anchor_args.selection_file, anchor_args.selection_split, None)
     if selection is None:  # no selection split: the first K training images of each class
         train, split_names = load_split(data_args, data_args.train_file, data_args.train_split, None)
