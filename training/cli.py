@@ -68,13 +68,26 @@ def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str]
     """Runs a script's `main`, turning user errors into one line on stderr and exit status 2. Set VLLTR_DEBUG=1 to
     see the traceback."""
     try:
-        return main(argv)
+        result = main(argv)
+        _leave_process_group()
+        return result
     except (DataError, UsageError, NonFiniteLossError, CheckpointWriteError) as e:
         if os.environ.get("VLLTR_DEBUG"):
             raise
         message = " ".join((e.strerror if isinstance(e, CheckpointWriteError) else str(e)).split())
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _leave_process_group() -> None:
+    """Under torchrun / accelerate, the other processes wait for the main one to finish writing (history, card,
+    push) before all leave the process group together: a process exiting while another still holds the group
+    aborts in gloo's teardown ("terminate called without an active exception") and fails the launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def setup_logging(training_args) -> None:
