@@ -10,7 +10,7 @@ import torch
 
 from modeling_vlltr import VLLTRConfig, VLLTRModel
 from training.anchors import embed_and_select_anchors
-from training.data import TokenizedCorpus
+from training.corpus import TokenizedCorpus
 
 from . import common
 

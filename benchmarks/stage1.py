@@ -15,9 +15,9 @@ import tempfile
 import torch
 
 from modeling_vlltr import VLLTRConfig, VLLTRModel
+from training.corpus import TokenizedCorpus
 from training.cvlp_config import CVLPConfig
 from training.cvlp_trainer import CVLPTrainer
-from training.data import TokenizedCorpus
 
 from . import common
 

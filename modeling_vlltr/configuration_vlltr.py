@@ -14,6 +14,10 @@ logger = logging.get_logger(__name__)
 HEAD_TYPES = ("lgr", "fc")
 
 
+# Test-time fusion weight α of the ImageNet-LT and Places-LT reference runs (official `configs/*/finetune/*.py`).
+DEFAULT_FUSION_ALPHA = 0.2
+
+
 class VLLTRConfig(PreTrainedConfig):
     r"""
     Configuration of a VL-LTR model (Tian et al., "VL-LTR: Learning Class-wise Visual-Linguistic Representation for
@@ -66,7 +70,7 @@ class VLLTRConfig(PreTrainedConfig):
     clip_config: dict | CLIPConfig | None = None
     num_anchor_sentences: int = 64
     mlp_ratio: int = 4
-    fusion_alpha: float = 0.2
+    fusion_alpha: float = DEFAULT_FUSION_ALPHA
     head_type: str = "lgr"
     detach_anchor_norm: bool = False
     initializer_range: float = 0.02

@@ -19,7 +19,7 @@ os.environ.update(
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import CLIPModel  # noqa: E402
+from transformers import AutoTokenizer, CLIPModel  # noqa: E402
 
 from modeling_vlltr import VLLTRConfig, VLLTRForImageClassification  # noqa: E402
 from training.standin_clip import build_char_tokenizer, save_clip_folder, small_clip_config  # noqa: E402
@@ -67,6 +67,12 @@ def make_classifier(num_labels: int = 5, num_anchors: int = 4, seed: int = 0, **
             model.text_branch.key_norm.bias.add_(0.2 * torch.randn(PROJECTION_DIM))
             model.text_branch.query_norm.bias.add_(0.2 * torch.randn(PROJECTION_DIM))
     return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_clip_dir):
+    """The tiny CLIP folder's tokenizer, loaded like a Hub one."""
+    return AutoTokenizer.from_pretrained(tiny_clip_dir)
 
 
 @pytest.fixture

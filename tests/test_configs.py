@@ -18,7 +18,7 @@ SCRIPTS = {
     "anchors": (ModelArguments, DataArguments, CorpusArguments, run_select_anchors.AnchorArguments, TrainingArguments),
     "stage2": (ModelArguments, DataArguments, AugmentationArguments, LGRConfig),
 }
-# (stage-1 lr, stage-2 lr, stage-2 epochs, fusion α, vision tower trained in stage 2): method.md §1.5, §3.6, §3.7
+# (stage-1 lr, stage-2 lr, stage-2 epochs, fusion α, vision tower trained in stage 2): docs/method.md §1.5, §3.6, §3.7
 REFERENCE = {
     "imagenet_lt": (3.5e-5, 1e-3, 50, 0.2, False),
     "places_lt": (1e-5, 5e-5, 50, 0.2, False),

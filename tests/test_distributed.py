@@ -27,22 +27,13 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from modeling_vlltr import VLLTRForImageClassification, VLLTRModel
+from training.corpus import build_class_corpus, tokenize_corpus
 from training.cvlp_config import CVLPConfig
 from training.cvlp_trainer import CVLPTrainer
-from training.data import (
-    CVLPCollator,
-    ImageDataset,
-    LongTailSampler,
-    MixupCutmixCollator,
-    build_class_corpus,
-    eval_image_processor,
-    read_class_names,
-    read_image_list,
-    tokenize_corpus,
-    train_transform,
-)
+from training.data import CVLPCollator, LongTailSampler, MixupCutmixCollator, eval_image_processor, train_transform
 from training.lgr_config import LGRConfig
 from training.lgr_trainer import LGRTrainer
+from training.splits import ImageDataset, read_class_names, read_image_list
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "training" / "configs" / "accelerate"
@@ -77,7 +68,7 @@ def torchrun():
 
 
 def accelerate_launch():
-    # hf-v5-notes §8: `--cpu --num_processes 2` silently runs one process; --multi_gpu without a GPU gives 2 on gloo
+    # docs/method.md §7: `--cpu --num_processes 2` silently runs one process; --multi_gpu without a GPU gives 2 on gloo
     return [
         _executable("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
@@ -135,7 +126,7 @@ import torch
 from modeling_vlltr import VLLTRForImageClassification, VLLTRModel
 from training.cvlp_config import CVLPConfig
 from training.cvlp_trainer import CVLPTrainer
-from training.data import ImageDataset, read_image_list
+from training.splits import ImageDataset, read_image_list
 from training.lgr_config import LGRConfig
 from training.lgr_trainer import LGRTrainer
 
@@ -363,14 +354,14 @@ def test_activation_checkpointing_recomputes_the_trained_layers(
         use_cpu=True, report_to="none", per_device_train_batch_size=8, max_steps=1, save_strategy="no",
         disable_tqdm=True, activation_checkpointing=checkpointing,
     )  # fmt: skip
-    train = ImageDataset(read_image_list(data["train"], data["root"], 4), train_transform(32, crop_scale=(0.5, 1.0)))
+    train = ImageDataset(read_image_list(data["train"], data["root"]), train_transform(32, crop_scale=(0.5, 1.0)))
     corpus = build_class_corpus(read_class_names(data["classes"]), data["corpus"])
     tokens = tokenize_corpus(corpus, AutoTokenizer.from_pretrained(tiny_clip_dir))
     stage1 = CVLPTrainer(
         model=VLLTRModel.from_pretrained(tiny_clip_dir),
         args=CVLPConfig(output_dir=str(tmp_path / "s1"), distillation_beta=0.0, **common),
         train_dataset=train,
-        data_collator=CVLPCollator(tokens, corpus),
+        data_collator=CVLPCollator(tokens, corpus.labels),
     )
     passes = 2 if checkpointing else 1  # the forward, then its recomputation in the backward
     assert _count_layer_calls(stage1, ("vision_model", "text_model")) == {"vision_model": passes, "text_model": passes}

@@ -13,7 +13,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, pipeline
 
 from modeling_vlltr import VLLTRForImageClassification, VLLTRModel
 from training import run_cvlp, run_eval, run_lgr, run_select_anchors
-from training.data import IMAGENET_TEMPLATES
+from training.corpus import IMAGENET_TEMPLATES
 
 FAST = ["--use_cpu", "--report_to", "none", "--disable_tqdm", "True", "--seed", "0"]
 M = 6

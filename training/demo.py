@@ -37,19 +37,14 @@ from transformers.utils.logging import tqdm
 from modeling_vlltr import VLLTRConfig, VLLTRForImageClassification, VLLTRModel
 
 from . import run_cvlp, run_eval, run_lgr, run_select_anchors
+from .arguments import CorpusArguments, DataArguments
 from .cli import UsageError, load_new_head, run_main
-from .data import (
-    ImageDataset,
-    ProcessorTransform,
-    build_class_corpus,
-    eval_image_processor,
-    read_image_list,
-    tokenize_corpus,
-    train_transform,
-)
+from .corpus import load_corpus
+from .data import ProcessorTransform, eval_image_processor, train_transform
 from .embedding import embed_images, embed_texts
 from .io_utils import atomic_write_json, atomic_write_text
 from .metrics import ShotThresholds, long_tail_metrics, plot_per_class_accuracy
+from .splits import load_labelled_split
 from .standin_clip import build_char_tokenizer, save_clip_folder, small_clip_config
 
 logger = logging.get_logger(__name__)
@@ -93,7 +88,7 @@ THRESHOLDS = ShotThresholds(many=50, few=15)  # the standard 100 / 20 scaled to 
 def build_digits(root: Path, seed: int) -> dict:
     """Writes the splits as 32×32 PNG scans with list files, class names and a JSON corpus. The training split has
     an exponential profile n_c = 100·20^(−r/9) over a seeded order of the classes (imbalance ratio 20)."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn is the demo's own extra (`pip install .[demo]`)
 
     digits = load_digits()
     rng = np.random.default_rng(seed)
@@ -136,9 +131,11 @@ def pretrain_standin_clip(data: dict, out: Path, seed: int, epochs: int = 40, ba
     torch.manual_seed(seed)
     tokenizer = build_char_tokenizer()
     model = CLIPModel(small_clip_config(image_size=32, patch_size=4, width=64, layers=3, heads=4, projection_dim=64))
-    samples = read_image_list(data["pool"], data["root"])
+    pool = load_labelled_split(
+        DataArguments(image_root=data["root"]), data["pool"], None, "pool", class_names=CLASS_NAMES
+    )
     transform = train_transform(32, crop_scale=(0.6, 1.0), hflip=0.0, rand_augment=False, random_erasing=0.0)
-    dataset = ImageDataset(samples, transform)
+    dataset = pool.dataset(transform)
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     steps = epochs * (len(dataset) // batch_size)
@@ -177,13 +174,17 @@ def zero_shot_logits(clip_path: str, data: dict) -> tuple[np.ndarray, np.ndarray
     """Zero-shot CLIP: each class is the normalised mean embedding of its 80 prompts (CLIP's prompt ensembling)."""
     model = VLLTRModel.from_pretrained(clip_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(clip_path)
-    corpus = build_class_corpus(CLASS_NAMES, "templates")
-    tokens = tokenize_corpus(corpus, tokenizer, min(77, model.config.clip_config.text_config.max_position_embeddings))
+    corpus, tokens = load_corpus(
+        CorpusArguments(text_corpus="templates"), CLASS_NAMES, tokenizer, model.config.clip_config.text_config
+    )
     text = F.normalize(embed_texts(model, tokens, desc="Zero-shot prompts"), dim=-1)
     labels = torch.as_tensor(corpus.labels)
     classes = F.normalize(torch.stack([text[labels == c].mean(0) for c in range(len(CLASS_NAMES))]), dim=-1)
     processor = eval_image_processor(model.config.clip_config.vision_config.image_size)
-    test = ImageDataset(read_image_list(data["test"], data["root"]), ProcessorTransform(processor))
+    split = load_labelled_split(
+        DataArguments(image_root=data["root"]), data["test"], None, "test", class_names=CLASS_NAMES
+    )
+    test = split.dataset(ProcessorTransform(processor))
     image = F.normalize(embed_images(model, test, desc="Zero-shot images"), dim=-1)
     logits = model.clip.logit_scale.exp() * image @ classes.T
     return logits.numpy(), test.labels

@@ -5,7 +5,8 @@ from collections.abc import Iterator
 import torch
 from transformers.utils.logging import tqdm
 
-from .data import TokenizedCorpus, eval_collator
+from .corpus import TokenizedCorpus
+from .data import eval_collator
 
 
 def _model_device(model) -> torch.device:

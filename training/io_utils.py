@@ -1,4 +1,5 @@
-"""Small file helpers shared by the training scripts: atomic writes, so a crash never leaves a truncated file."""
+"""File helpers shared by the training code: the one reader for user text files (and the error it raises), and
+atomic writes, so a crash never leaves a truncated file."""
 
 import json
 import os
@@ -6,6 +7,23 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+class DataError(ValueError):
+    """A problem with the user's data (a split file, an image, the class list or the text corpus), raised with one
+    line that names the file and line, the class or the image at fault, before any training starts."""
+
+
+def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
+    """The UTF-8 text of a user file; a missing or non-UTF-8 file is a one-line `DataError` naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found.") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a {what}.") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start}).") from None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:

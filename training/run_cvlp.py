@@ -20,32 +20,15 @@ from transformers import AutoTokenizer
 
 from modeling_vlltr import VLLTRConfig, VLLTRModel
 
-from .arguments import (
-    AugmentationArguments,
-    CorpusArguments,
-    DataArguments,
-    ModelArguments,
-    build_training_datasets,
-    checkpoint_class_names,
-    read_training_split,
-)
-from .cli import (
-    history_entry,
-    load_checked,
-    parse_args,
-    prepare_output_dir,
-    record_run,
-    run_main,
-    schedule_settings,
-    setup_logging,
-)
+from .arguments import AugmentationArguments, CorpusArguments, DataArguments, ModelArguments
+from .cli import load_checked, parse_args, prepare_output_dir, record_run, run_main, setup_logging
+from .corpus import load_corpus
 from .cvlp_config import CVLPConfig
 from .cvlp_trainer import CVLPTrainer
-from .data import (
-    CVLPCollator,
-    build_class_corpus,
-    tokenize_corpus,
-)
+from .data import ProcessorTransform, eval_image_processor, train_transform_from_args
+from .io_utils import DataError
+from .model_card import history_entry, schedule_settings
+from .splits import checkpoint_class_names, load_labelled_split
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,22 +38,29 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging(args)
     resume = prepare_output_dir(args, "run_cvlp")
     push_to_hub, args.push_to_hub = args.push_to_hub, False  # the finished folder is pushed once, with its card
-    hub = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+    hub = model_args.hub_kwargs
 
     # ---- Data -------------------------------------------------------------------------------------------------------
     config = load_checked("--model_name_or_path", VLLTRConfig.from_pretrained, model_args.model_name_or_path, **hub)
-    train_source, class_names, train_labels = read_training_split(data_args, checkpoint_class_names(config))
-    corpus = build_class_corpus(class_names, corpus_args.text_corpus, corpus_args.use_templates)
+    train = load_labelled_split(
+        data_args, data_args.train_file, data_args.train_split, "training split",
+        checkpoint_names=checkpoint_class_names(config), min_classes=2,
+    )  # fmt: skip
+    if train is None:
+        raise DataError("Give the training images: --train_file (a list file or iNaturalist JSON) or --dataset_name.")
+    class_names = train.class_names
+    evaluation = load_labelled_split(
+        data_args, data_args.eval_file, data_args.eval_split, "evaluation split", class_names=class_names
+    )
     tokenizer = load_checked(
         "--model_name_or_path", AutoTokenizer.from_pretrained, model_args.model_name_or_path, **hub
     )
-    max_length = min(77, config.clip_config.text_config.max_position_embeddings)
-    tokens = tokenize_corpus(corpus, tokenizer, max_length, corpus_args.token_cache_dir)
+    corpus, tokens = load_corpus(corpus_args, class_names, tokenizer, config.clip_config.text_config)
 
     image_size = config.clip_config.vision_config.image_size
-    train_dataset, eval_dataset, image_processor = build_training_datasets(
-        data_args, aug_args, train_source, len(class_names), image_size
-    )
+    image_processor = eval_image_processor(image_size)
+    train_dataset = train.dataset(train_transform_from_args(aug_args, image_size))
+    eval_dataset = evaluation.dataset(ProcessorTransform(image_processor)) if evaluation is not None else None
 
     # ---- Models: the student and the frozen teacher (the CLIP the run starts from) ------------------------------------
     id2label = dict(enumerate(class_names))
@@ -92,7 +82,6 @@ def main(argv: list[str] | None = None) -> dict:
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=CVLPCollator(tokens, corpus),
         processing_class=image_processor,
         teacher_model=teacher,
         corpus_tokens=tokens,
@@ -109,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer.save_pretrained(args.output_dir)
         settings = {
             "model_name_or_path": model_args.model_name_or_path,
-            "train_file": data_args.train_file or data_args.dataset_name,
+            "train_file": train.description,
             "num_classes": len(class_names),
             "num_train_images": len(train_dataset),
             "num_sentences": len(corpus.sentences),

@@ -17,18 +17,9 @@ from transformers import AutoImageProcessor, TrainingArguments
 
 from modeling_vlltr import VLLTRForImageClassification
 
-from .arguments import (
-    DataArguments,
-    ModelArguments,
-    build_dataset,
-    check_labels,
-    checkpoint_class_names,
-    load_split,
-    resolve_class_names,
-)
+from .arguments import DataArguments, ModelArguments
 from .cli import (
     UsageError,
-    history_entry,
     load_checked,
     parse_args,
     prepare_output_dir,
@@ -37,9 +28,11 @@ from .cli import (
     run_main,
     setup_logging,
 )
-from .data import ProcessorTransform, class_counts, eval_image_processor
+from .data import ProcessorTransform, eval_image_processor
 from .embedding import predict_logits
 from .metrics import ShotThresholds, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
+from .model_card import history_entry
+from .splits import checkpoint_class_names, load_labelled_split
 
 
 @dataclass
@@ -77,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     setup_logging(args)
     prepare_output_dir(args, "run_eval")
-    hub = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+    hub = model_args.hub_kwargs
     if args.push_to_hub and not Path(str(model_args.model_name_or_path)).is_dir():
         raise UsageError("--push_to_hub publishes the evaluated checkpoint folder: give a local --model_name_or_path.")
     model = load_checked(
@@ -85,19 +78,24 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # ---- Data: the test split, and the training split's class counts for the shot groups -----------------------------
-    test_source, split_names = load_split(data_args, eval_args.test_file, eval_args.test_split, None)
-    train_source, _ = load_split(data_args, data_args.train_file, data_args.train_split, None)
-    if test_source is None or train_source is None:
-        raise UsageError("Give --test_file (the split to evaluate) and --train_file (for the shot groups).")
-    class_names = resolve_class_names(data_args, split_names, checkpoint_class_names(model.config))
-    num_classes = len(class_names)
-    test_labels = check_labels(test_source, num_classes, data_args, "test split")
-    counts = class_counts(check_labels(train_source, num_classes, data_args, "training split"), num_classes)
+    usage = "Give --test_file (the split to evaluate) and --train_file (for the shot groups)."
+    test = load_labelled_split(
+        data_args, eval_args.test_file, eval_args.test_split, "test split",
+        checkpoint_names=checkpoint_class_names(model.config),
+    )  # fmt: skip
+    if test is None:
+        raise UsageError(usage)
+    train = load_labelled_split(
+        data_args, data_args.train_file, data_args.train_split, "training split", class_names=test.class_names
+    )
+    if train is None:
+        raise UsageError(usage)
+    counts = train.class_counts
     try:
         image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path, **hub)
     except (OSError, ValueError):
         image_processor = eval_image_processor(model.config.clip_config.vision_config.image_size)
-    dataset = build_dataset(data_args, test_source, ProcessorTransform(image_processor), "test split")
+    dataset = test.dataset(ProcessorTransform(image_processor))
 
     # ---- Predict and score --------------------------------------------------------------------------------------------
     model = model.to(args.device).eval()
@@ -114,19 +112,19 @@ def main(argv: list[str] | None = None) -> dict:
     if eval_args.shot_logits == "sum" and out["text_logits"] is not None:
         shot_logits = out["image_logits"] + out["text_logits"]
     metrics = long_tail_metrics(
-        out["logits"], test_labels, counts, thresholds, out["image_logits"], out["text_logits"], shot_logits
+        out["logits"], test.labels, counts, thresholds, out["image_logits"], out["text_logits"], shot_logits
     )
     per_class = metrics.pop("per_class_top1", None)
     report = {
         "model": model_args.model_name_or_path,
-        "test_file": eval_args.test_file or f"{data_args.dataset_name}[{eval_args.test_split}]",
+        "test_file": test.description,
         "num_test_images": len(dataset),
         "thresholds": {"many": thresholds.many, "few": thresholds.few, "inclusive": thresholds.inclusive},
         "shot_logits": eval_args.shot_logits,
         **metrics,
         "per_class": {
             "train_count": counts.tolist(),
-            "test_count": np.bincount(test_labels, minlength=num_classes).tolist(),
+            "test_count": test.class_counts.tolist(),
             "top1": per_class,
         },
     }

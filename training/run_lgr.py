@@ -16,32 +16,15 @@ from transformers import AutoTokenizer
 
 from modeling_vlltr import VLLTRForImageClassification
 
-from .arguments import (
-    AugmentationArguments,
-    DataArguments,
-    ModelArguments,
-    build_training_datasets,
-    checkpoint_class_names,
-    read_training_split,
-)
-from .cli import (
-    UsageError,
-    history_entry,
-    load_checked,
-    parse_args,
-    prepare_output_dir,
-    record_run,
-    run_main,
-    schedule_settings,
-    setup_logging,
-)
-from .data import (
-    MixupCutmixCollator,
-    class_counts,
-)
+from .arguments import AugmentationArguments, DataArguments, ModelArguments
+from .cli import UsageError, load_checked, parse_args, prepare_output_dir, record_run, run_main, setup_logging
+from .data import ProcessorTransform, eval_image_processor, train_transform_from_args
+from .io_utils import DataError
 from .lgr_config import LGRConfig
 from .lgr_trainer import LGRTrainer
 from .metrics import LongTailMetrics
+from .model_card import history_entry, schedule_settings
+from .splits import checkpoint_class_names, load_labelled_split
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging(args)
     resume = prepare_output_dir(args, "run_lgr")
     push_to_hub, args.push_to_hub = args.push_to_hub, False  # the finished folder is pushed once, with its card
-    hub = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+    hub = model_args.hub_kwargs
 
     # ---- The checkpoint from anchor selection -------------------------------------------------------------------------
     model = load_checked(
@@ -64,24 +47,33 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     # ---- Data ---------------------------------------------------------------------------------------------------------
-    train_source, class_names, train_labels = read_training_split(data_args, checkpoint_class_names(model.config))
-    num_classes = len(class_names)
-    train_dataset, eval_dataset, image_processor = build_training_datasets(
-        data_args, aug_args, train_source, num_classes, model.config.clip_config.vision_config.image_size
+    train = load_labelled_split(
+        data_args, data_args.train_file, data_args.train_split, "training split",
+        checkpoint_names=checkpoint_class_names(model.config), min_classes=2,
+    )  # fmt: skip
+    if train is None:
+        raise DataError("Give the training images: --train_file (a list file or iNaturalist JSON) or --dataset_name.")
+    if train.num_classes != model.config.num_labels:
+        raise DataError(
+            f"--model_name_or_path {model_args.model_name_or_path} classifies {model.config.num_labels} classes but "
+            f"the training data has {train.num_classes}; use the anchor-selection output for this dataset."
+        )
+    evaluation = load_labelled_split(
+        data_args, data_args.eval_file, data_args.eval_split, "evaluation split", class_names=train.class_names
     )
+    image_size = model.config.clip_config.vision_config.image_size
+    image_processor = eval_image_processor(image_size)
+    train_dataset = train.dataset(train_transform_from_args(aug_args, image_size))
+    eval_dataset = evaluation.dataset(ProcessorTransform(image_processor)) if evaluation is not None else None
 
-    # ---- Train --------------------------------------------------------------------------------------------------------
-    collator = MixupCutmixCollator(
-        num_classes, args.mixup_alpha, args.cutmix_alpha, args.mixup_prob, args.mixup_switch_prob, args.label_smoothing
-    )
+    # ---- Train: the trainer builds the Mixup / CutMix collator from the LGRConfig settings -----------------------------
     trainer = LGRTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=collator,
         processing_class=image_processor,
-        compute_metrics=LongTailMetrics(class_counts(train_labels, num_classes)),
+        compute_metrics=LongTailMetrics(train.class_counts),
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     results = {"train_loss": train_result.training_loss}
@@ -96,8 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
         except (OSError, ValueError):
             pass  # the classifier needs no tokenizer; it is copied along when the input folder has one
         settings = {
-            "train_file": data_args.train_file or data_args.dataset_name,
-            "num_classes": num_classes,
+            "train_file": train.description,
+            "num_classes": train.num_classes,
             "num_train_images": len(train_dataset),
             "attention_learning_rate": args.attention_learning_rate,
             "train_vision_tower": args.train_vision_tower,

@@ -16,26 +16,16 @@ Without --selection_file the first --max_images_per_class training images of eac
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from transformers import AutoTokenizer, TrainingArguments
 
 from modeling_vlltr import VLLTRConfig, VLLTRForImageClassification, VLLTRModel
+from modeling_vlltr.configuration_vlltr import DEFAULT_FUSION_ALPHA
 
-from .anchors import STRATEGIES, anchor_report, embed_and_select_anchors
-from .arguments import (
-    CorpusArguments,
-    DataArguments,
-    ModelArguments,
-    build_dataset,
-    check_labels,
-    checkpoint_class_names,
-    load_split,
-    resolve_class_names,
-)
+from .anchors import STRATEGIES, anchor_report, anchors_record, embed_and_select_anchors
+from .arguments import CorpusArguments, DataArguments, ModelArguments
 from .cli import (
     UsageError,
-    history_entry,
     load_checked,
     load_new_head,
     parse_args,
@@ -44,9 +34,12 @@ from .cli import (
     run_main,
     setup_logging,
 )
-from .data import ProcessorTransform, build_class_corpus, eval_image_processor, tokenize_corpus
+from .corpus import load_corpus
+from .data import ProcessorTransform, eval_image_processor
 from .embedding import embed_images
 from .io_utils import atomic_write_json, atomic_write_text
+from .model_card import history_entry
+from .splits import checkpoint_class_names, load_labelled_split
 
 
 @dataclass
@@ -69,7 +62,8 @@ class AnchorArguments:
         },
     )
     fusion_alpha: float = field(
-        default=0.2, metadata={"help": "Test-time fusion α of the classifier (reference 0.2; iNaturalist 0.7)."}
+        default=DEFAULT_FUSION_ALPHA,
+        metadata={"help": "Test-time fusion α of the classifier (reference 0.2; iNaturalist 0.7)."},
     )
     detach_anchor_norm: bool = field(
         default=False, metadata={"help": "Detach ‖G‖ in the text branch (reference v_detach, iNaturalist)."}
@@ -78,47 +72,40 @@ class AnchorArguments:
     text_batch_size: int = field(default=256, metadata={"help": "Sentences embedded per batch."})
 
 
-def _first_per_class(source, labels: np.ndarray, limit: int):
-    keep = np.concatenate([np.flatnonzero(labels == c)[:limit] for c in np.unique(labels)])
-    keep.sort()
-    if isinstance(source, list):
-        return [source[i] for i in keep]
-    return source.select(keep.tolist())
-
-
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, corpus_args, anchor_args, args = parse_args(
         (ModelArguments, DataArguments, CorpusArguments, AnchorArguments, TrainingArguments), argv
     )
     setup_logging(args)
     prepare_output_dir(args, "run_select_anchors")
-    hub = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+    hub = model_args.hub_kwargs
 
-    # ---- Class names, corpus and the selection images ----------------------------------------------------------------
+    # ---- Class names, the selection images and the corpus ------------------------------------------------------------
     config = load_checked("--model_name_or_path", VLLTRConfig.from_pretrained, model_args.model_name_or_path, **hub)
-    selection, split_names = load_split(data_args, anchor_args.selection_file, anchor_args.selection_split, None)
+    checkpoint_names = checkpoint_class_names(config)
+    selection = load_labelled_split(
+        data_args, anchor_args.selection_file, anchor_args.selection_split, "selection split",
+        checkpoint_names=checkpoint_names,
+    )  # fmt: skip
     if selection is None:  # no selection split: the first K training images of each class
-        train, split_names = load_split(data_args, data_args.train_file, data_args.train_split, None)
+        train = load_labelled_split(
+            data_args, data_args.train_file, data_args.train_split, "training split", checkpoint_names=checkpoint_names
+        )
         if train is None:
             raise UsageError("Give the selection images: --selection_file, or --train_file / --dataset_name.")
-        names = resolve_class_names(data_args, split_names, checkpoint_class_names(config))
-        labels = check_labels(train, len(names), data_args, "training split")
-        selection = _first_per_class(train, labels, anchor_args.max_images_per_class)
-    class_names = resolve_class_names(data_args, split_names, checkpoint_class_names(config))
+        selection = train.first_per_class(anchor_args.max_images_per_class)
+    class_names = selection.class_names
     num_classes = len(class_names)
-    selection_labels = check_labels(selection, num_classes, data_args, "selection split")
-    missing = sorted(set(range(num_classes)) - set(selection_labels.tolist()))
+    missing = sorted(set(range(num_classes)) - set(selection.labels.tolist()))
     if missing and anchor_args.anchor_selection == "anss":
         names = ", ".join(repr(class_names[c]) for c in missing[:5])
         raise UsageError(f"The selection split has no image of {len(missing)} class(es) ({names}); AnSS needs them.")
-    corpus = build_class_corpus(class_names, corpus_args.text_corpus, corpus_args.use_templates)
     tokenizer = load_checked(
         "--model_name_or_path", AutoTokenizer.from_pretrained, model_args.model_name_or_path, **hub
     )
-    max_length = min(77, config.clip_config.text_config.max_position_embeddings)
-    tokens = tokenize_corpus(corpus, tokenizer, max_length, corpus_args.token_cache_dir)
+    corpus, tokens = load_corpus(corpus_args, class_names, tokenizer, config.clip_config.text_config)
     image_processor = eval_image_processor(config.clip_config.vision_config.image_size)
-    dataset = build_dataset(data_args, selection, ProcessorTransform(image_processor), "selection split")
+    dataset = selection.dataset(ProcessorTransform(image_processor))
 
     # ---- Score every sentence with the stage-1 model, keep M per class ------------------------------------------------
     stage1 = load_checked("--model_name_or_path", VLLTRModel.from_pretrained, model_args.model_name_or_path, **hub)
@@ -132,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
             tokens,
             torch.as_tensor(corpus.labels),
             image_embeds,
-            torch.as_tensor(selection_labels),
+            torch.as_tensor(selection.labels),
             num_classes,
             anchor_args.num_anchor_sentences,
             anchor_args.anchor_selection,
@@ -160,29 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer.save_pretrained(args.output_dir)
     image_processor.save_pretrained(args.output_dir)
 
-    score_list = scores.tolist() if scores is not None else None
-    atomic_write_json(
-        f"{args.output_dir}/anchors.json",
-        {
-            "strategy": anchor_args.anchor_selection,
-            "num_anchor_sentences": anchor_args.num_anchor_sentences,
-            "classes": [
-                {
-                    "label": c,
-                    "name": class_names[c],
-                    "anchors": [
-                        {
-                            "index": i,
-                            "sentence": corpus.sentences[i],
-                            "score": None if score_list is None else score_list[i],
-                        }
-                        for i in indices[c][mask[c]].tolist()
-                    ],
-                }
-                for c in range(num_classes)
-            ],
-        },
-    )
+    record = anchors_record(anchor_args.anchor_selection, class_names, corpus.sentences, scores, indices, mask)
+    atomic_write_json(f"{args.output_dir}/anchors.json", record)
     report = anchor_report(
         class_names, corpus.sentences, corpus.labels, scores, indices, mask, num_worst=anchor_args.report_worst
     )
@@ -195,9 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {
         "strategy": anchor_args.anchor_selection,
         "num_anchor_sentences": anchor_args.num_anchor_sentences,
-        "selection": anchor_args.selection_file
-        or anchor_args.selection_split
-        or f"first {anchor_args.max_images_per_class} training images per class",
+        "selection": selection.description,
         "text_corpus": corpus_args.text_corpus,
         "templates": corpus_args.use_templates,
         "fusion_alpha": anchor_args.fusion_alpha,
