@@ -9,18 +9,12 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from modeling_vlltr import VLLTRModel
+from training.corpus import build_class_corpus, tokenize_corpus
 from training.cvlp_config import CVLPConfig
 from training.cvlp_trainer import CVLPTrainer
-from training.data import (
-    CVLPCollator,
-    ImageDataset,
-    build_class_corpus,
-    read_class_names,
-    read_image_list,
-    tokenize_corpus,
-    train_transform,
-)
+from training.data import CVLPCollator, train_transform
 from training.losses import class_wise_contrastive_loss, distillation_loss
+from training.splits import ImageDataset, read_class_names, read_image_list
 from training.stage_trainer import NonFiniteLossError
 
 
@@ -29,7 +23,7 @@ def stage1_data(tiny_clip_dir, lt_dataset):
     class_names = read_class_names(lt_dataset["classes"])
     corpus = build_class_corpus(class_names, lt_dataset["corpus"])
     tokens = tokenize_corpus(corpus, AutoTokenizer.from_pretrained(tiny_clip_dir))
-    samples = read_image_list(lt_dataset["train"], lt_dataset["root"], len(class_names))
+    samples = read_image_list(lt_dataset["train"], lt_dataset["root"])
     dataset = ImageDataset(samples, train_transform(32, crop_scale=(0.5, 1.0)))
     return corpus, tokens, dataset
 
@@ -54,8 +48,7 @@ def make_trainer(tiny_clip_dir, stage1_data, tmp_path, model=None, **overrides):
     return CVLPTrainer(
         model=model if model is not None else VLLTRModel.from_pretrained(tiny_clip_dir),
         args=args,
-        train_dataset=dataset,
-        data_collator=CVLPCollator(tokens, corpus),
+        train_dataset=dataset,  # the default collator: a CVLPCollator over corpus_tokens / sentence_labels
         teacher_model=VLLTRModel.from_pretrained(tiny_clip_dir),
         corpus_tokens=tokens,
         sentence_labels=torch.as_tensor(corpus.labels),
@@ -203,7 +196,7 @@ def test_non_finite_loss_stops_with_the_step(tiny_clip_dir, stage1_data, tmp_pat
 def test_evaluate_reports_sentence_retrieval(tiny_clip_dir, stage1_data, tmp_path, lt_dataset):
     from training.data import ProcessorTransform, eval_image_processor
 
-    samples = read_image_list(lt_dataset["val"], lt_dataset["root"], 4)
+    samples = read_image_list(lt_dataset["val"], lt_dataset["root"])
     eval_dataset = ImageDataset(samples, ProcessorTransform(eval_image_processor(32)))
     trainer = make_trainer(tiny_clip_dir, stage1_data, tmp_path)
     metrics = trainer.evaluate(eval_dataset)
@@ -218,3 +211,11 @@ def test_evaluate_reports_sentence_retrieval(tiny_clip_dir, stage1_data, tmp_pat
     expected = (nearest == torch.as_tensor(eval_dataset.labels)).float().mean().item()
     assert metrics["eval_image_top1"] == pytest.approx(expected)
     assert 0.0 <= metrics["eval_knn_5"] <= 1.0
+
+
+def test_default_collator_pairs_each_image_with_a_sentence_of_its_class(tiny_clip_dir, stage1_data, tmp_path):
+    trainer = make_trainer(tiny_clip_dir, stage1_data, tmp_path)
+    assert isinstance(trainer.data_collator, CVLPCollator)
+    batch = first_batch(trainer, 6)
+    corpus = stage1_data[0]
+    assert corpus.labels[batch["sentence_ids"].numpy()].tolist() == batch["labels"].tolist()

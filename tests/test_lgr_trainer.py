@@ -7,18 +7,11 @@ import pytest
 import torch
 
 from modeling_vlltr import VLLTRForImageClassification
-from training.data import (
-    ImageDataset,
-    MixupCutmixCollator,
-    ProcessorTransform,
-    class_counts,
-    eval_image_processor,
-    read_image_list,
-    train_transform,
-)
+from training.data import MixupCutmixCollator, ProcessorTransform, eval_image_processor, train_transform
 from training.lgr_config import LGRConfig
 from training.lgr_trainer import LGRTrainer
 from training.metrics import LongTailMetrics
+from training.splits import ImageDataset, class_counts, read_image_list
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +25,9 @@ def classifier(tiny_clip_dir):
 
 @pytest.fixture(scope="module")
 def datasets(lt_dataset):
-    train = ImageDataset(read_image_list(lt_dataset["train"], lt_dataset["root"], 4), train_transform(32))
+    train = ImageDataset(read_image_list(lt_dataset["train"], lt_dataset["root"]), train_transform(32))
     val = ImageDataset(
-        read_image_list(lt_dataset["val"], lt_dataset["root"], 4), ProcessorTransform(eval_image_processor(32))
+        read_image_list(lt_dataset["val"], lt_dataset["root"]), ProcessorTransform(eval_image_processor(32))
     )
     return train, val
 
@@ -145,3 +138,20 @@ def test_evaluation_batches_are_never_mixed(classifier, datasets, tmp_path):
     assert {"eval_many_top1", "eval_medium_top1", "eval_few_top1", "eval_image_top1", "eval_text_top1"} <= set(metrics)
     train_batch = next(iter(trainer.get_train_dataloader()))
     assert train_batch["labels"].dtype.is_floating_point, "training batches are mixed and smoothed"
+
+
+def test_default_collator_is_built_from_the_stage_config(classifier, datasets, tmp_path):
+    """Without a data_collator, LGRTrainer mixes batches with its own LGRConfig settings (issue: stage settings are
+    read by their stage's trainer, not passed by the script)."""
+    args = LGRConfig(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", mixup_alpha=0.3, cutmix_alpha=0.0,
+        mixup_prob=0.7, mixup_switch_prob=0.2, label_smoothing=0.05,
+    )  # fmt: skip
+    trainer = LGRTrainer(model=copy.deepcopy(classifier), args=args, train_dataset=datasets[0])
+    collator = trainer.data_collator
+    assert isinstance(collator, MixupCutmixCollator)
+    assert (collator.num_classes, collator.mixup_alpha, collator.cutmix_alpha) == (4, 0.3, 0.0)
+    assert (collator.prob, collator.switch_prob, collator.label_smoothing) == (0.7, 0.2, 0.05)
+    features = [datasets[0][(i, 100 + i)] for i in range(4)]
+    labels = collator(features)["labels"]
+    assert labels.shape == (4, 4) and torch.allclose(labels.sum(-1), torch.ones(4))  # soft targets

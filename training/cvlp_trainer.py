@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from transformers.utils import logging
 
-from .data import TokenizedCorpus
+from .corpus import TokenizedCorpus
+from .data import CVLPCollator
 from .distributed import gather_no_grad, gather_with_grad
 from .embedding import embed_images, embed_texts
 from .losses import class_wise_contrastive_loss, distillation_loss
@@ -26,8 +27,11 @@ class CVLPTrainer(StageTrainer):
     Args:
         teacher_model: the frozen teacher, the CLIP the run started from (a `VLLTRModel` loaded from the same
             checkpoint). It is not a submodule of the student: not saved, not optimised, not wrapped by DDP.
-        corpus_tokens: the tokenised corpus, for the teacher's sentence-embedding cache and for evaluation.
-        sentence_labels: class id of every corpus sentence (evaluation).
+        corpus_tokens: the tokenised corpus, for the training batches (each image paired with a sentence of its
+            class), the teacher's sentence-embedding cache and evaluation.
+        sentence_labels: class id of every corpus sentence.
+
+    Without a `data_collator`, batches come from a `CVLPCollator` over `corpus_tokens` and `sentence_labels`.
 
     The contrastive loss sees the whole batch gathered from every process (with gradients). With gradient
     accumulation it sees the whole accumulation window too: the window is embedded without a graph, the loss and
@@ -44,6 +48,8 @@ class CVLPTrainer(StageTrainer):
         sentence_labels: torch.Tensor | None = None,
         **kwargs,
     ):
+        if kwargs.get("data_collator") is None and corpus_tokens is not None and sentence_labels is not None:
+            kwargs["data_collator"] = CVLPCollator(corpus_tokens, sentence_labels)
         super().__init__(*args, **kwargs)
         self.teacher = None
         if self.args.distillation_beta > 0:

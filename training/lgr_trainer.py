@@ -5,7 +5,7 @@ from transformers.utils import logging
 
 from modeling_vlltr.modeling_vlltr import soft_target_cross_entropy
 
-from .data import eval_collator
+from .data import MixupCutmixCollator, eval_collator
 from .stage_trainer import StageTrainer
 
 logger = logging.get_logger(__name__)
@@ -20,11 +20,21 @@ class LGRTrainer(StageTrainer):
       vision tower too unless `train_vision_tower` (then it builds no autograd graph at all).
     - Two learning rates: `learning_rate` for the image-branch MLP (and the vision tower), `attention_learning_rate`
       for W_q, W_k and their LayerNorms (the reference `text_lr`).
-    - The training collator mixes batches (Mixup / CutMix); evaluation batches are never mixed.
+    - The training collator mixes batches (Mixup / CutMix, label smoothing): by default a `MixupCutmixCollator`
+      built from the `LGRConfig` settings; evaluation batches are never mixed.
     """
 
-    def __init__(self, model=None, args=None, *more, **kwargs):
-        super().__init__(model, args, *more, **kwargs)
+    def __init__(self, model=None, args=None, data_collator=None, *more, **kwargs):
+        if data_collator is None and model is not None and args is not None:
+            data_collator = MixupCutmixCollator(
+                model.config.num_labels,
+                mixup_alpha=args.mixup_alpha,
+                cutmix_alpha=args.cutmix_alpha,
+                prob=args.mixup_prob,
+                switch_prob=args.mixup_switch_prob,
+                label_smoothing=args.label_smoothing,
+            )
+        super().__init__(model, args, data_collator, *more, **kwargs)
         clip = self.model.clip
         for module in (clip.text_model, clip.text_projection):
             module.requires_grad_(False)
