@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 from transformers import CLIPModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, cached_file, logging
 
 from .configuration_vlltr import VLLTRConfig
 
@@ -250,9 +251,6 @@ def _check_labels(labels: torch.Tensor, batch_size: int, num_labels: int) -> Non
 def _raise_if_anchor_shapes_differ(pretrained_model_name_or_path, kwargs: dict) -> None:
     """After transformers refused a checkpoint for a size mismatch: if the anchor buffers are the ones that differ
     from the config, raise a `ValueError` naming them and both shapes. Reads only the safetensors header."""
-    from safetensors import safe_open
-    from transformers.utils import cached_file
-
     hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
     config = kwargs.get("config")
     if not isinstance(config, PreTrainedConfig):

@@ -5,11 +5,13 @@ import math
 import pytest
 import torch
 
-from training.anchors import anchor_report, score_sentences, select_anchors
+from modeling_vlltr import VLLTRModel
+from training.anchors import anchor_report, embed_and_select_anchors, score_sentences, select_anchors
+from training.corpus import TokenizedCorpus
 
 
 def naive_scores(text, text_labels, images, image_labels, logit_scale):
-    """L_lin of each sentence, one sentence at a time, in float64 Python arithmetic straight from method.md §2.1."""
+    """L_lin of each sentence, one sentence at a time, in float64 Python arithmetic straight from docs/method.md §2.1."""
     scale = math.exp(logit_scale)
 
     def unit(vector):
@@ -208,3 +210,35 @@ def test_report_lists_anchors_and_least_visual_sentences():
 
     with pytest.raises(ValueError, match="class names"):
         anchor_report(["lion"], sentences, labels, scores, indices, mask)
+
+
+# --- embed_and_select_anchors: the per-chunk choice made at run time equals select_anchors' rule
+
+
+@pytest.mark.parametrize("chunk_sentences", [1, 5, 10_000])
+def test_embed_and_select_equals_select_anchors_on_the_embedded_scores(tiny_clip_dir, chunk_sentences):
+    """The run-time selection keeps each class's M best within its chunk; recomputed here independently: every
+    sentence embedded at once, scored, then `select_anchors`' stable sort over the whole corpus."""
+    model = VLLTRModel.from_pretrained(tiny_clip_dir).eval()
+    generator = torch.Generator().manual_seed(0)
+    sizes = [3, 7, 1, 12]  # class 2 has fewer sentences than M (padded)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])  # grouped by class, as a corpus is
+    input_ids = torch.randint(2, 100, (len(labels), 9), generator=generator)
+    input_ids[:, 0], input_ids[:, -1] = 0, 1  # SOT ... EOT of the tiny tokenizer
+    tokens = TokenizedCorpus(input_ids, torch.ones_like(input_ids), 0)
+    image_labels = torch.tensor([0, 1, 1, 2, 3, 3, 3])
+    image_embeds = torch.randn(len(image_labels), model.config.projection_dim, generator=generator)
+
+    indices, mask, scores, anchors = embed_and_select_anchors(
+        model, tokens, labels, image_embeds, image_labels, 4, 5, chunk_sentences=chunk_sentences, show_progress=False
+    )
+
+    with torch.no_grad():
+        text = model.get_text_features(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        text = getattr(text, "pooler_output", text)
+    expected_scores = score_sentences(text, labels, image_embeds, image_labels, model.clip.logit_scale.detach())
+    expected_indices, expected_mask = select_anchors(expected_scores, labels, 4, 5, "anss")
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(indices, expected_indices) and torch.equal(mask, expected_mask)
+    torch.testing.assert_close(anchors[mask], text[expected_indices[expected_mask]], rtol=1e-5, atol=1e-5)
+    assert not anchors[~mask].any()  # padded slots stay zero

@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
+from .corpus import TokenizedCorpus
+from .embedding import iter_text_embeddings
+
 logger = logging.get_logger(__name__)
 
 STRATEGIES = ("anss", "cutoff", "random")
@@ -35,7 +38,7 @@ def score_sentences(
     """L_lin of each sentence against a fixed selection image set (the paper's AnSS score; lower = more visual).
 
     For sentence t of class c, with s_k = exp(logit_scale)·cos(t, img_k) over **all** selection images k and n_c the
-    number of selection images of class c (method.md §2.1, official `engine.py` `select_sent`):
+    number of selection images of class c (docs/method.md §2.1, official `engine.py` `select_sent`):
 
         score(t) = −Σ_k 1[y_k = c] / n_c · log_softmax(s)_k
 
@@ -104,6 +107,26 @@ def _class_start_offsets(sorted_labels: torch.Tensor, num_classes: int) -> torch
     return torch.cumsum(counts, dim=0) - counts  # (C,) position of each class's first sentence in the sorted order
 
 
+def _check_selection(text_labels, num_classes: int, num_anchors: int, strategy: str) -> torch.Tensor:
+    """Checks the arguments of an anchor selection; returns the sentence labels as a flat int64 CPU tensor. Classes
+    with fewer than M sentences are padded (logged); a class with no sentence is an error."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown anchor selection strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    if num_anchors < 1:
+        raise ValueError(f"num_anchors must be >= 1, got {num_anchors}")
+    text_labels = torch.as_tensor(text_labels).cpu().long().reshape(-1)  # (N_t,)
+    if text_labels.numel() and (text_labels.min() < 0 or text_labels.max() >= num_classes):
+        raise ValueError(f"text_labels must lie in [0, {num_classes})")
+    sentences_per_class = torch.bincount(text_labels, minlength=num_classes)  # (C,)
+    empty = (sentences_per_class == 0).nonzero().flatten()
+    if empty.numel():
+        raise ValueError(f"no sentence for the classes {_name_ids(empty.tolist())}")
+    short = (sentences_per_class < num_anchors).nonzero().flatten()
+    if short.numel():
+        logger.warning(f"{short.numel()} classes have fewer than {num_anchors} sentences; padded: {_name_ids(short)}")
+    return text_labels
+
+
 def select_anchors(
     scores: torch.Tensor | None,
     text_labels: torch.Tensor,
@@ -114,7 +137,7 @@ def select_anchors(
 ) -> tuple[torch.LongTensor, torch.BoolTensor]:
     """Picks M = `num_anchors` anchor sentences per class.
 
-    Strategies (method.md §2.2-2.3):
+    Strategies (docs/method.md §2.2-2.3):
     * `"anss"` (the paper's AnSS): the M sentences of lowest score (L_lin), in ascending score order; ties keep
       corpus order (stable sort).
     * `"cutoff"` (the paper's "Cut Off"): the first M sentences of each class in corpus order. With the reference
@@ -134,21 +157,8 @@ def select_anchors(
         `indices` (`torch.LongTensor` of shape `(C, M)`): positions in the sentence list, −1 where padded.
         `mask` (`torch.BoolTensor` of shape `(C, M)`): True for real anchors (a prefix of each row).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"Unknown anchor selection strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
-    if num_anchors < 1:
-        raise ValueError(f"num_anchors must be >= 1, got {num_anchors}")
-    text_labels = torch.as_tensor(text_labels).cpu().long().reshape(-1)  # (N_t,)
+    text_labels = _check_selection(text_labels, num_classes, num_anchors, strategy)  # (N_t,)
     num_sentences = text_labels.shape[0]
-    if num_sentences and (text_labels.min() < 0 or text_labels.max() >= num_classes):
-        raise ValueError(f"text_labels must lie in [0, {num_classes})")
-    sentences_per_class = torch.bincount(text_labels, minlength=num_classes)  # (C,)
-    empty = (sentences_per_class == 0).nonzero().flatten()
-    if empty.numel():
-        raise ValueError(f"no sentence for the classes {_name_ids(empty.tolist())}")
-    short = (sentences_per_class < num_anchors).nonzero().flatten()
-    if short.numel():
-        logger.warning(f"{short.numel()} classes have fewer than {num_anchors} sentences; padded: {_name_ids(short)}")
 
     # rank the sentences within each class by a key, then sort by class; the stable sorts keep corpus order on ties
     if strategy == "anss":
@@ -233,6 +243,34 @@ def anchor_report(
     return "".join(parts)
 
 
+def anchors_record(
+    strategy: str,
+    class_names: Sequence[str],
+    sentences: Sequence[str],
+    scores: torch.Tensor | None,
+    indices: torch.Tensor,
+    mask: torch.Tensor,
+) -> dict:
+    """The content of `anchors.json`: per class its anchors in slot order, each with its position in the corpus, its
+    sentence and its score (None for "cutoff" / "random")."""
+    score_list = scores.tolist() if scores is not None else None
+    return {
+        "strategy": strategy,
+        "num_anchor_sentences": int(indices.shape[1]),
+        "classes": [
+            {
+                "label": c,
+                "name": class_names[c],
+                "anchors": [
+                    {"index": i, "sentence": sentences[i], "score": None if score_list is None else score_list[i]}
+                    for i in indices[c][mask[c]].tolist()
+                ],
+            }
+            for c in range(len(class_names))
+        ],
+    }
+
+
 # --- embedding a corpus and selecting its anchors
 
 
@@ -260,9 +298,6 @@ def embed_and_select_anchors(
     Returns `(indices (C, M), mask (C, M), scores (N,) or None, anchor_embeds (C, M, D))`; `anchor_embeds` holds
     the raw (not normalised) stage-1 text embeddings of the anchors, zeros where padded.
     """
-    from .data import TokenizedCorpus
-    from .embedding import iter_text_embeddings
-
     sentence_labels = torch.as_tensor(sentence_labels).long().cpu()
     if strategy != "anss":
         indices, mask = select_anchors(None, sentence_labels, num_classes, num_anchors, strategy, seed)
@@ -273,12 +308,14 @@ def embed_and_select_anchors(
         anchors[mask] = embeds
         return indices, mask, None, anchors
 
+    sentence_labels = _check_selection(sentence_labels, num_classes, num_anchors, strategy)
     if len(sentence_labels) and bool((sentence_labels[1:] < sentence_labels[:-1]).any()):
         raise ValueError("The corpus must list its sentences grouped by class, in label order.")
     offsets = torch.cumsum(torch.bincount(sentence_labels, minlength=num_classes), 0).tolist()
     scores = torch.empty(len(sentence_labels))
     # Each chunk holds whole classes, so a class's M best in its chunk are its anchors: they are written straight into
-    # the output (no per-sentence copies, nothing of the chunk kept alive) and checked against select_anchors below.
+    # the output (no per-sentence copies, nothing of the chunk kept alive). The choice is `select_anchors`' "anss" rule
+    # (lowest score first, ties in corpus order); tests/test_anchors.py holds the two equal.
     anchors: torch.Tensor | None = None  # (C, M, D)
     picked = torch.full((num_classes, num_anchors), -1, dtype=torch.long)  # (C, M) sentence of each anchor slot
     start = 0
@@ -292,11 +329,11 @@ def embed_and_select_anchors(
             chunk[rows.start - start : rows.stop - start] = embeds
         chunk_labels = sentence_labels[start:end]
         scores[start:end] = score_sentences(chunk, chunk_labels, image_embeds, image_labels, model_scale(model))
+        if not torch.isfinite(scores[start:end]).all():
+            raise ValueError("scores contain NaN or infinite values (is the stage-1 checkpoint damaged?)")
         if anchors is None:
             anchors = torch.zeros(num_classes, num_anchors, chunk.shape[-1])
         for c in chunk_labels.unique().tolist():
-            if c >= num_classes:
-                continue  # select_anchors below names the bad labels
             rows = (chunk_labels == c).nonzero().flatten()
             best = rows[torch.sort(scores[start:end][rows], stable=True).indices[:num_anchors]]  # ascending score
             anchors[c, : len(best)] = chunk[best].cpu()
@@ -304,10 +341,7 @@ def embed_and_select_anchors(
         bar.update(end - start)
         start = end
     bar.close()
-    indices, mask = select_anchors(scores, sentence_labels, num_classes, num_anchors, "anss", seed)
-    if not torch.equal(picked, indices):
-        raise RuntimeError("The per-chunk anchor choice differs from select_anchors; please report this.")
-    return indices, mask, scores, anchors
+    return picked, picked >= 0, scores, anchors
 
 
 def model_scale(model) -> torch.Tensor:
@@ -318,6 +352,7 @@ def model_scale(model) -> torch.Tensor:
 __all__ = [
     "STRATEGIES",
     "anchor_report",
+    "anchors_record",
     "embed_and_select_anchors",
     "model_scale",
     "score_sentences",

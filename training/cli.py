@@ -1,26 +1,24 @@
 """Plumbing shared by the `run_*` scripts: argument parsing (a `.json` file of arguments, then command-line
-overrides), one-line errors, the output-folder guard, the training history that model cards are built from, and
-publishing a folder to the Hub."""
+overrides), one-line errors, the output-folder guard, and recording a finished run (history, model card, Hub)."""
 
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 import transformers
+from huggingface_hub import HfApi
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
-from .data import DataError
-from .io_utils import atomic_write_json
+from .io_utils import DataError
+from .model_card import extend_history, read_history, write_history, write_model_card
 from .stage_trainer import CheckpointWriteError, NonFiniteLossError
 
 logger = logging.get_logger(__name__)
-
-HISTORY_FILE = "training_history.json"
 
 
 class UsageError(ValueError):
@@ -83,8 +81,6 @@ def _leave_process_group() -> None:
     """Under torchrun / accelerate, the other processes wait for the main one to finish writing (history, card,
     push) before all leave the process group together: a process exiting while another still holds the group
     aborts in gloo's teardown ("terminate called without an active exception") and fails the launch."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -125,7 +121,7 @@ def load_checked(what: str, loader: Callable, path: str, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Output folder, resuming, publishing
+# Output folder, resuming, recording and publishing a run
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -203,8 +199,6 @@ def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
 def push_folder(folder: str | os.PathLike, training_args, commit_message: str) -> str:
     """Creates (or reuses) `hub_model_id` and uploads `folder`: weights, config, remote code, image processor,
     tokenizer, card and reports; checkpoints and logs are left out. Returns the repository URL."""
-    from huggingface_hub import HfApi
-
     api = HfApi(token=training_args.hub_token)
     repo = api.create_repo(training_args.hub_model_id, private=bool(training_args.hub_private_repo), exist_ok=True)
     api.upload_folder(
@@ -217,69 +211,11 @@ def push_folder(folder: str | os.PathLike, training_args, commit_message: str) -
     return str(repo)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Training history (what the model cards are generated from)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def read_history(folder: str | os.PathLike) -> list[dict]:
-    path = Path(folder) / HISTORY_FILE
-    if not path.is_file():
-        return []
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        logger.warning(f"Ignoring an unreadable {path}.")
-        return []
-
-
-def write_history(folder: str | os.PathLike, history: list[dict]) -> None:
-    atomic_write_json(Path(folder) / HISTORY_FILE, history)
-
-
-def history_entry(script: str, stage: str, settings: dict, results: dict | None = None) -> dict:
-    return {
-        "script": script,
-        "stage": stage,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "settings": {k: v for k, v in settings.items() if v is not None},
-        # timings say nothing about the model and would change the card on every run
-        "results": {k: v for k, v in (results or {}).items() if "runtime" not in k and "per_second" not in k},
-    }
-
-
-def schedule_settings(args) -> dict:
-    """The optimisation settings both training stages record in their history (and so in the model card)."""
-    return {
-        "learning_rate": args.learning_rate,
-        "num_train_epochs": args.num_train_epochs,
-        "per_device_train_batch_size": args.per_device_train_batch_size,
-        "world_size": args.world_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "global_batch_size": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
-        "sampling": args.sampling,
-        "weight_decay": args.weight_decay,
-        "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
-        "warmup_steps": args.warmup_steps,
-        "seed": args.seed,
-    }
-
-
 def record_run(folder, source, entry: dict, config, args, push_to_hub: bool = False, message: str = "") -> None:
     """Appends `entry` to the input checkpoint's history in `folder`, regenerates the model card from it, and pushes
     `folder` to --hub_model_id when asked."""
-    from .model_card import write_model_card
-
     history = extend_history(source, entry)
     write_history(folder, history)
     write_model_card(folder, history, config, hub_model_id=args.hub_model_id)
     if push_to_hub:
         push_folder(folder, args, message)
-
-
-def extend_history(source: str | os.PathLike, entry: dict) -> list[dict]:
-    """The history of the input checkpoint (if it is a local folder), plus `entry`."""
-    history = read_history(source) if Path(str(source)).is_dir() else []
-    if not history:
-        history = [{"script": "base", "stage": "base", "settings": {"model_name_or_path": str(source)}}]
-    return history + [entry]

@@ -8,13 +8,13 @@ from .stage_config import StageConfig
 @dataclass
 class CVLPConfig(StageConfig):
     """Arguments of `CVLPTrainer`. Defaults are the reference ImageNet-LT ViT-B/16 run (`pretrain_vit16.py`,
-    method.md §1.5): lr 3.5e-5, 50 epochs with 5 warm-up epochs, per-device batch 128 on 8 GPUs (global 1024)."""
+    docs/method.md §1.5): lr 3.5e-5, 50 epochs with 5 warm-up epochs, per-device batch 128 on 8 GPUs (global 1024)."""
 
     distillation_beta: float = field(
         default=0.5,
         metadata={
-            "help": "β in L = (1 − β)·L_ccl + β·L_dis (reference `distillation_beta` = 0.5, i.e. the paper's "
-            "λ = 1 up to a factor 1/2). 0 turns distillation off (the 'w/o L_dis' ablation) and skips the teacher."
+            "help": "β in L = (1 − β)·L_ccl + β·L_dis (reference `distillation_beta` = 0.5; the paper's "
+            "L = λ·L_ccl + (1 − λ)·L_dis with λ = 1 − β, docs/method.md §1.4). 0 turns distillation off (the 'w/o L_dis' ablation) and skips the teacher."
         },
     )
     label_smoothing: float = field(

@@ -8,7 +8,7 @@ from .stage_config import StageConfig
 @dataclass
 class LGRConfig(StageConfig):
     """Arguments of `LGRTrainer`. Defaults are the reference ImageNet-LT ViT-B/16 run (`finetune_vit16.py`,
-    method.md §3.4-3.6): frozen vision tower, lr 1e-3 for the image-branch MLP, 1e-6 for the anchor attention, 50
+    docs/method.md §3.4-3.6): frozen vision tower, lr 1e-3 for the image-branch MLP, 1e-6 for the anchor attention, 50
     epochs, no warm-up, Mixup 0.8 / CutMix 1.0 with label smoothing 0.1, square-root sampling."""
 
     attention_learning_rate: float = field(

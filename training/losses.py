@@ -38,7 +38,7 @@ def class_wise_contrastive_loss(
 
     The 1/|P| average sits outside the log (a mean of per-positive log-probabilities, the "SupCon-out" form).
 
-    Deviations from the paper, both following the official code (`losses.py` `PretrainSentLoss`, method.md §1.3):
+    Deviations from the paper, both following the official code (`losses.py` `PretrainSentLoss`, docs/method.md §1.3):
     * the two directions are **averaged**, (L_vis + L_lin) / 2, not summed;
     * each row loss carries uniform label smoothing ε (`label_smoothing`, the code's 0.1 default), which the paper
       does not mention: row_loss = (1 − ε)·soft-target CE + ε·(−mean_j log_softmax(row)_j). ε = 0 gives the
@@ -72,7 +72,7 @@ def distillation_loss(logits_per_image: torch.Tensor, teacher_logits_per_image: 
         L_dis = (D_i2t + D_t2i) / 2
 
     Temperature T = 1: each side keeps its own scale (the student's learnable exp(logit_scale), the CLIP teacher's
-    fixed 100), as in the official code (`losses.py` L53-119, method.md §1.4). Deviation from the paper's wording:
+    fixed 100), as in the official code (`losses.py` L53-119, docs/method.md §1.4). Deviation from the paper's wording:
     the two directions are averaged. The teacher is a constant: it is detached here, so it never gets a gradient.
     Half-precision inputs are computed in float32. Returns a 0-dim tensor.
     """

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from transformers.utils import logging
 
 from training.io_utils import atomic_write, atomic_write_json
@@ -26,7 +28,7 @@ SHOT_GROUPS = ("many", "medium", "few")
 class ShotThresholds:
     """Where the many / medium / few-shot groups split, by number of training images n of a class.
 
-    Standard OLTR convention (`inclusive=False`, the default, method.md §4.8): many if n > `many`, few if n < `few`,
+    Standard OLTR convention (`inclusive=False`, the default, docs/method.md §4.8): many if n > `many`, few if n < `few`,
     medium otherwise (so 20..100 inclusive is medium). Official VL-LTR code (`inclusive=True`, `engine.py`
     `shot_acc`): many if n >= `many`, few if n <= `few`, so a class with exactly 100 images is "many" and one with
     exactly 20 is "few". Classes with no training image count as "few" under both.
@@ -141,7 +143,7 @@ def long_tail_metrics(
     All accuracies are **fractions in [0, 1]** (the paper's tables are in percent). Keys, each preceded by `prefix`:
 
     * `top1`, `top5`: overall accuracy of `logits` (any score whose argmax is the prediction: logits, or the fused
-      probability α·softmax(P^I) + (1 − α)·softmax(P^T) of method.md §3.7); top-k is clamped to C.
+      probability α·softmax(P^I) + (1 − α)·softmax(P^T) of docs/method.md §3.7); top-k is clamped to C.
     * `many_top1`, `medium_top1`, `few_top1`: shot-group accuracy, the mean of the per-class top-1 accuracies of the
       group's classes that have evaluation images (the OLTR convention). A group with no such class gives
       `float("nan")` (not a missing key), so the set of keys never changes; `write_metrics_json` writes it as null.
@@ -202,7 +204,7 @@ class LongTailMetrics:
         thresholds (`ShotThresholds` or `str`, *optional*, defaults to `STANDARD`): shot-group boundaries, or their
             name, `"standard"` or `"official"`.
         shot_logits_from_branches (`bool`, *optional*, defaults to `False`): with three predictions, take the shot
-            groups from image_logits + text_logits, as the official code does (method.md §3.7), instead of from
+            groups from image_logits + text_logits, as the official code does (docs/method.md §3.7), instead of from
             `logits`.
 
     Example:
@@ -264,9 +266,6 @@ def plot_per_class_accuracy(
     cannot show them; logged). Uses matplotlib's Agg canvas directly, not pyplot, so no global backend is changed
     and no figure stays open. The file is written atomically.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     thresholds = _resolve_thresholds(thresholds)
     counts = _to_numpy(train_class_counts).reshape(-1).astype(np.float64)  # (C,)
     if (counts <= 0).any():

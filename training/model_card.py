@@ -1,16 +1,24 @@
-"""Model cards: every checkpoint's README.md, generated from `model_cards/vlltr.md` with huggingface_hub's
-`ModelCard` / `ModelCardData` and filled from the checkpoint's `training_history.json`. No number is typed in."""
+"""Model cards and the run history they come from: each run appends an entry (settings, measured results) to the
+checkpoint's `training_history.json`; the card (`README.md`) is generated from that history with huggingface_hub's
+`ModelCard` / `ModelCardData` and the template `model_cards/vlltr.md`. No number is typed in."""
 
+import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers.utils import logging
 
 from model_cards import TEMPLATE_PATH
 
-from .io_utils import atomic_write_text
+from .io_utils import atomic_write_json, atomic_write_text
+
+logger = logging.get_logger(__name__)
+
+HISTORY_FILE = "training_history.json"
 
 STAGE_TEXT = {
     "cvlp": (
@@ -31,6 +39,67 @@ STAGE_TEXT = {
         "Mixup / CutMix targets; at test time P = α·softmax(P_I) + (1 − α)·softmax(P_T).",
     ),
 }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training history: what the model cards are generated from
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def read_history(folder: str | os.PathLike) -> list[dict]:
+    path = Path(folder) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        logger.warning(f"Ignoring an unreadable {path}.")
+        return []
+
+
+def write_history(folder: str | os.PathLike, history: list[dict]) -> None:
+    atomic_write_json(Path(folder) / HISTORY_FILE, history)
+
+
+def history_entry(script: str, stage: str, settings: dict, results: dict | None = None) -> dict:
+    return {
+        "script": script,
+        "stage": stage,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "settings": {k: v for k, v in settings.items() if v is not None},
+        # timings say nothing about the model and would change the card on every run
+        "results": {k: v for k, v in (results or {}).items() if "runtime" not in k and "per_second" not in k},
+    }
+
+
+def schedule_settings(args) -> dict:
+    """The optimisation settings both training stages record in their history (and so in the model card)."""
+    return {
+        "learning_rate": args.learning_rate,
+        "num_train_epochs": args.num_train_epochs,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "world_size": args.world_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "global_batch_size": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+        "sampling": args.sampling,
+        "weight_decay": args.weight_decay,
+        "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+        "warmup_steps": args.warmup_steps,
+        "seed": args.seed,
+    }
+
+
+def extend_history(source: str | os.PathLike, entry: dict) -> list[dict]:
+    """The history of the input checkpoint (if it is a local folder), plus `entry`."""
+    history = read_history(source) if Path(str(source)).is_dir() else []
+    if not history:
+        history = [{"script": "base", "stage": "base", "settings": {"model_name_or_path": str(source)}}]
+    return history + [entry]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The card
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def _fmt(value) -> str:

@@ -10,7 +10,7 @@ from .data import SAMPLING_MODES
 
 @dataclass
 class StageConfig(TrainingArguments):
-    """`TrainingArguments` with the defaults shared by the VL-LTR reference runs (method.md §1.5, §3.6): AdamW with
+    """`TrainingArguments` with the defaults shared by the VL-LTR reference runs (docs/method.md §1.5, §3.6): AdamW with
     weight decay 0.05 (none on 1-D parameters and biases), no gradient clipping, a cosine schedule, `drop_last`,
     square-root sampling, and a hard stop on a non-finite loss (the Trainer would otherwise skip it silently)."""
 

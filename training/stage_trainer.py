@@ -33,7 +33,7 @@ class _FiniteGradientGuard(TrainerCallback):
 
 
 class StageTrainer(Trainer):
-    # Our losses are per-batch means: let the Trainer divide them by the accumulation steps (hf-v5-notes §4).
+    # Our losses are per-batch means: let the Trainer divide them by the accumulation steps (docs/method.md §7).
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args, **kwargs):
