@@ -30,7 +30,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from modeling_vlltr import VLLTRForImageClassification, VLLTRModel
 from training import convert_official
 from training import official_reference as reference
-from training.cli import run_main
+from training.cli import history_entry, run_main
 from training.standin_clip import save_clip_folder
 
 WIDTH, LAYERS, PATCH, IMAGE = 128, 2, 8, 32  # 2 heads (width // 64), 4x4 patches
@@ -491,3 +491,24 @@ def test_verify_stops_a_wrong_conversion_before_writing(clip_dir, tmp_path, caps
     (line,) = [line for line in err.splitlines() if line.startswith("convert_official: error:")]
     assert "verification failed: the image logits differ" in line and "nothing was written" in line
     assert not any(out.iterdir())
+
+
+def test_the_model_card_quotes_the_paper_as_reported_and_keeps_it_after_evaluation(tiny_classifier):
+    from training.model_card import build_model_card
+
+    entry = history_entry(
+        "convert_official", "convert", {"checkpoint": "imageNet-LT_vit16.zip:checkpoint.pth", "architecture":
+                                        "VLLTRForImageClassification"}, {"max_abs_diff_text_logits": 1e-15},
+    )  # fmt: skip
+    entry["reported"] = {"dataset": "imagenet-lt", **convert_official.REPORTED_VIT_B16["imagenet-lt"]}
+    history = [{"script": "base", "stage": "base", "settings": {"model_name_or_path": "openai/clip-vit-base-patch16"}}]
+    card = str(build_model_card([*history, entry], tiny_classifier.config))
+    assert "overall 77.2, many-shot\n84.5, medium-shot 74.6, few-shot 59.3" in card
+    assert "quoted as\nreported, not measured" in card and "Not evaluated yet" not in card
+    assert "pipeline_tag: image-classification" in card and "imageNet-LT_vit16.zip:checkpoint.pth" in card
+    evaluation = history_entry(
+        "run_eval", "eval", {"test_file": "ImageNet_LT_test.txt", "num_test_images": 10, "many": 100, "few": 20},
+        {"top1": 0.5, "top5": 0.9},
+    )  # fmt: skip
+    card = str(build_model_card([*history, entry, evaluation], tiny_classifier.config))
+    assert "| 50.00 | 90.00 |" in card and "overall 77.2" in card
