@@ -18,14 +18,18 @@ Neither the reference nor the test modules use the converter's key mapping or `m
 
 import argparse
 import math
+import os
+import subprocess
+import sys
 import zipfile
 from collections import OrderedDict
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import AutoModelForImageClassification, CLIPConfig, CLIPModel, CLIPTokenizer, pipeline
 
 from modeling_vlltr import VLLTRForImageClassification, VLLTRModel
 from training import convert_official
@@ -512,3 +516,38 @@ def test_the_model_card_quotes_the_paper_as_reported_and_keeps_it_after_evaluati
     )  # fmt: skip
     card = str(build_model_card([*history, entry, evaluation], tiny_classifier.config))
     assert "| 50.00 | 90.00 |" in card and "overall 77.2" in card
+
+
+def test_push_to_hub_uploads_a_checkpoint_that_equals_the_reference(clip_dir, tmp_path):
+    """`--push_to_hub` through the real huggingface_hub client (a fake Hub, so in a fresh process); the uploaded folder
+    loads with the Auto class and the pipeline and still computes the official forward."""
+    from fake_hub import fake_hub
+
+    lgr = official_lgr(seed=6)
+    checkpoint = save_official(lgr.state_dict(), tmp_path / "release.zip", as_zip=True)
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0", HF_TOKEN="any-token", HF_HOME=str(tmp_path / "hf"),
+               HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1")  # fmt: skip
+    with fake_hub(tmp_path / "hub") as hub:
+        env["HF_ENDPOINT"] = hub.endpoint
+        result = subprocess.run(
+            [sys.executable, "-m", "training.convert_official", "--checkpoint", checkpoint, "--clip", clip_dir,
+             "--output_dir", str(tmp_path / "out"), "--push_to_hub", "--hub_model_id", "mockorg/vlltr-converted"],
+            cwd=repo_root, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not hub.errors, hub.errors
+    folder = str(hub.repo_dir("mockorg/vlltr-converted"))
+    uploaded = set(os.listdir(folder))
+    assert {"model.safetensors", "modeling_vlltr.py", "configuration_vlltr.py", "README.md"} <= uploaded, uploaded
+    assert {"preprocessor_config.json", "tokenizer_config.json", "training_history.json"} <= uploaded, uploaded
+    model = AutoModelForImageClassification.from_pretrained(folder).double().eval()
+    x = pixels(2, seed=3)
+    with torch.no_grad():
+        out = model(pixel_values=x)
+        image, text = reference.lgr_forward(_f64(lgr.state_dict()), x, WIDTH // 64, lgr.padding_mask)
+    torch.testing.assert_close(out.image_logits, image, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.text_logits, text, rtol=0, atol=1e-5)
+    predictions = pipeline("image-classification", model=folder)(Image.new("RGB", (40, 40), (200, 30, 30)), top_k=2)
+    assert len(predictions) == 2 and predictions[0]["label"].startswith("class_")
