@@ -41,7 +41,8 @@ The `.pth` files are pickles. They are read with `torch.load(weights_only=True)`
 official checkpoints hold (`argparse.Namespace` for the saved arguments); anything else is refused.
 `--verify` runs the official forward (`training.official_reference`) and the converted model on the same random
 images (and, for a text tower, sentences) in float64 before anything is written, prints the largest differences and
-stops if one exceeds --verify_tolerance.
+stops if one exceeds --verify_tolerance. It holds the anchors several times in float64: for iNaturalist 2018
+(8142 classes × 64 anchors × 512) that is about 10 GB of memory.
 """
 
 import argparse
@@ -134,8 +135,12 @@ def load_official_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     `epoch`, the top-level entries dropped, the file actually read and its SHA-256."""
     path = Path(path)
     if not path.is_file():
-        raise ConversionError(f"--checkpoint {path}: no such file.")
-    shown = str(path)
+        raise ConversionError(f"{path}: no such file.")
+    digest = hashlib.sha256()  # of the file given (the release zip as downloaded), to identify it in the model card
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    shown, name = str(path), path.name
     with tempfile.TemporaryDirectory(prefix="vlltr-convert-") as tmp:
         target = path
         if zipfile.is_zipfile(path):
@@ -148,16 +153,12 @@ def load_official_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
                     if len(chosen) != 1:
                         listed = ", ".join(candidates[:6]) or "none"
                         raise ConversionError(
-                            f"--checkpoint {path}: expected one checkpoint.pth in the archive, found {listed}; extract "
+                            f"{path}: expected one checkpoint.pth in the archive, found {listed}; extract "
                             f"the one to convert and pass it instead."
                         )
-                    shown = f"{path}:{chosen[0]}"
+                    shown, name = f"{path}:{chosen[0]}", f"{path.name}:{chosen[0]}"
                     logger.info(f"Extracting {shown}")
                     target = Path(archive.extract(chosen[0], tmp))
-        digest = hashlib.sha256()
-        with open(target, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
         loaded = _safe_torch_load(target, shown)
     if not isinstance(loaded, dict):
         raise ConversionError(f"{shown}: expected a dict (the official `{{'model': state_dict, ...}}`), got "
@@ -181,7 +182,7 @@ def load_official_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
         "epoch": loaded.get("epoch") if "model" in loaded else None,
         "dropped": dropped,
         "file": shown,
-        "name": shown[len(str(path.parent)) + 1 :] if str(path.parent) not in ("", ".") else shown,
+        "name": name,
         "sha256": digest.hexdigest(),
     }
     return dict(state), info
@@ -728,24 +729,13 @@ def _print_differences(diffs: dict, tolerance: float) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> dict:
-    (args,) = parse_args((ConvertArguments,), argv)
-    if args.clip.endswith((".pt", ".pth")) and not Path(args.clip).is_dir():
-        raise UsageError(
-            f"--clip {args.clip}: OpenAI's .pt archives are TorchScript programs without a tokenizer and are not "
-            f"loaded here; pass the transformers CLIP instead (openai/clip-vit-base-patch16 or a local folder)."
-        )
-    if args.fusion_alpha is not None and not 0 <= args.fusion_alpha <= 1:
-        raise UsageError(f"--fusion_alpha must lie in [0, 1], got {args.fusion_alpha}.")
-    prepare_output_dir(args, "convert_official")
-
-    # ---- Read the official checkpoint(s) -----------------------------------------------------------------------------
+def convert_checkpoints(args: ConvertArguments, tokenizer) -> tuple:
+    """Reads --checkpoint (and --stage1_checkpoint) and builds the converted model. Returns the model, the
+    conversion's record (for the model card) and the inputs `verify` needs."""
     state, info = load_official_checkpoint(args.checkpoint)
-    stage = stage_of(state)
-    saved = info["args"] or {}
-    tokenizer = load_checked("--clip", AutoTokenizer.from_pretrained, args.clip)
+    stage, saved = stage_of(state), info["args"] or {}
     dropped = [_dropped_line(info)]
-    stage1_state, stage1_info = None, None
+    stage1_state, stage1_info, counts = None, None, None
     if args.stage1_checkpoint:
         if stage != 2:
             raise UsageError("--stage1_checkpoint goes with a stage-2 --checkpoint (the official LGR model).")
@@ -754,14 +744,13 @@ def main(argv: list[str] | None = None) -> dict:
             raise UsageError(f"--stage1_checkpoint {args.stage1_checkpoint}: not a stage-1 (CVLP) checkpoint.")
         dropped.append(_dropped_line(stage1_info))
 
-    # ---- Convert ---------------------------------------------------------------------------------------------------
     if stage == 2:
         num_classes = state["text_embeddings"].shape[0]
         counts = read_sentence_counts(args.sentence_counts, num_classes) if args.sentence_counts else None
         dataset = _infer_dataset(args, saved, num_classes)
         alpha = args.fusion_alpha if args.fusion_alpha is not None else FUSION_ALPHA.get(dataset, 0.2)
         detach = args.detach_anchor_norm
-        if detach is None:
+        if detach is None:  # the official iNaturalist models are the `*_v_detach_img_grad` ones
             model_name = saved.get("model")
             detach = "v_detach" in model_name if isinstance(model_name, str) else dataset == "inaturalist-2018"
         model, stage1_dropped = build_classifier(
@@ -777,30 +766,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"Converted {info['file']} (official stage-{stage} model) into {type(model).__name__}.")
     print("Dropped: " + ("; ".join(d for d in dropped if d) or "nothing"))
 
-    # ---- Verify before anything is written ---------------------------------------------------------------------------
-    results = {}
-    if args.verify:
-        if stage == 2:
-            diffs = compare_classifier(
-                model, state, stage1_state=stage1_state, tokenizer=tokenizer, sentence_counts=counts
-            )
-        else:
-            diffs = compare_stage1(model, state, tokenizer)
-        _print_differences(diffs, args.verify_tolerance)
-        results = {f"max_abs_diff_{k.replace(' ', '_')}": v for k, v in diffs.items()}
-
-    # ---- Write -------------------------------------------------------------------------------------------------------
-    out = args.output_dir
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    eval_image_processor(model.config.clip_config.vision_config.image_size).save_pretrained(out)
-    settings = {
+    release = Path(args.checkpoint).name
+    record = {
         "checkpoint": info["name"],
         "checkpoint_sha256": info["sha256"],
-        "release_asset": RELEASE_URL + Path(args.checkpoint).name
-        if Path(args.checkpoint).name in RELEASE_ASSETS
-        else None,
+        "release_asset": RELEASE_URL + release if release in RELEASE_ASSETS else None,
         "official_code": f"github.com/{OFFICIAL_REPO} at {OFFICIAL_COMMIT}",
         "official_model": saved.get("model"),
         "epoch": info["epoch"],
@@ -814,12 +784,49 @@ def main(argv: list[str] | None = None) -> dict:
         "detach_anchor_norm": model.config.detach_anchor_norm if stage == 2 else None,
         "verified": bool(args.verify),
     }
-    entry = history_entry("convert_official", "convert", settings, results)
-    if stage == 2 and dataset in REPORTED_VIT_B16 and _is_vit_b16_224(model.config):
+    return model, record, (state, stage1_state, counts)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = parse_args((ConvertArguments,), argv)
+    if args.clip.endswith((".pt", ".pth")) and not Path(args.clip).is_dir():
+        raise UsageError(
+            f"--clip {args.clip}: OpenAI's .pt archives are TorchScript programs without a tokenizer and are not "
+            f"loaded here; pass the transformers CLIP instead (openai/clip-vit-base-patch16 or a local folder)."
+        )
+    if args.fusion_alpha is not None and not 0 <= args.fusion_alpha <= 1:
+        raise UsageError(f"--fusion_alpha must lie in [0, 1], got {args.fusion_alpha}.")
+    prepare_output_dir(args, "convert_official")
+    tokenizer = load_checked("--clip", AutoTokenizer.from_pretrained, args.clip)
+
+    # ---- Convert, then verify before anything is written -----------------------------------------------------------
+    model, record, (state, stage1_state, counts) = convert_checkpoints(args, tokenizer)
+    results = {}
+    if args.verify:
+        if isinstance(model, VLLTRForImageClassification):
+            diffs = compare_classifier(model, state, stage1_state=stage1_state, tokenizer=tokenizer,
+                                       sentence_counts=counts)  # fmt: skip
+        else:
+            diffs = compare_stage1(model, state, tokenizer)
+        _print_differences(diffs, args.verify_tolerance)
+        results = {f"max_abs_diff_{k.replace(' ', '_')}": v for k, v in diffs.items()}
+
+    # ---- Write: weights, remote code, tokenizer, image processor, history and model card -----------------------------
+    out = args.output_dir
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    eval_image_processor(model.config.clip_config.vision_config.image_size).save_pretrained(out)
+    entry = history_entry("convert_official", "convert", record, results)
+    dataset = record["dataset"]
+    if (
+        isinstance(model, VLLTRForImageClassification)
+        and dataset in REPORTED_VIT_B16
+        and _is_vit_b16_224(model.config)
+    ):
         entry["reported"] = {"dataset": dataset, **REPORTED_VIT_B16[dataset]}
     record_run(out, args.clip, entry, model.config, args, args.push_to_hub, "Convert an official VL-LTR checkpoint")
     print(f"Wrote {out}")
-    return {"stage": stage, "dataset": dataset, **results}
+    return {"architecture": record["architecture"], "dataset": dataset, **results}
 
 
 if __name__ == "__main__":
