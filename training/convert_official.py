@@ -770,7 +770,8 @@ def convert_checkpoints(args: ConvertArguments, tokenizer) -> tuple:
     record = {
         "checkpoint": info["name"],
         "checkpoint_sha256": info["sha256"],
-        "release_asset": RELEASE_URL + release if release in RELEASE_ASSETS else None,
+        # matched by file name only: checkpoint_sha256 is what identifies the file
+        "release_asset": f"{RELEASE_URL}{release} (by file name)" if release in RELEASE_ASSETS else None,
         "official_code": f"github.com/{OFFICIAL_REPO} at {OFFICIAL_COMMIT}",
         "official_model": saved.get("model"),
         "epoch": info["epoch"],
