@@ -466,6 +466,11 @@ def test_an_unknown_tensor_is_refused_by_name(clip_dir, tmp_path, capsys):
     assert code == 2
     (line,) = [line for line in err.splitlines() if line.startswith("convert_official: error:")]
     assert "unknown tensor(s) ['text_block.fc.weight']" in line
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["model_ema"] = {}
+    torch.save(checkpoint, path)
+    code, _, err = convert(["--checkpoint", path, "--clip", clip_dir, "--output_dir", str(tmp_path / "p")], capsys)
+    assert code == 2 and "unknown top-level entries ['model_ema']" in err
 
 
 def test_resnet_checkpoints_and_openai_archives_are_refused(clip_dir, tmp_path, capsys):

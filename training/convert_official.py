@@ -466,6 +466,13 @@ def build_classifier(
         weights.update({"clip." + k: v for k, v in convert_text(stage1, text["num_hidden_layers"]).items()})
         _refuse_unknown(stage1, ignore=("visual.", "logit_scale"))
         dropped.append(f"{stage1_source}: visual.* and logit_scale (the stage-2 checkpoint's are used)")
+        # the official LGR copies logit_scale from its stage-1 checkpoint and freezes it (finetune.py L339-343)
+        if "logit_scale" in stage1 and not torch.equal(stage1.peek("logit_scale"), state["logit_scale"]):
+            logger.warning(
+                f"{stage1_source} has logit_scale {float(stage1.peek('logit_scale')):.6g}, {source} "
+                f"{float(state['logit_scale']):.6g}: the official stage 2 copies it from its stage-1 checkpoint, so "
+                f"these two checkpoints may not belong together."
+            )
     else:
         text_config, text_weights = _clip_text_tower(clip)
         text = _text_fields(text_config.to_dict())
