@@ -21,6 +21,11 @@ logger = logging.get_logger(__name__)
 HISTORY_FILE = "training_history.json"
 
 STAGE_TEXT = {
+    "convert": (
+        "Converted from the official VL-LTR release",
+        "The weights are the official ones (github.com/ChangyaoTian/VL-LTR), mapped tensor by tensor into this "
+        "package's layout by `training.convert_official`; this package did not train them.",
+    ),
     "cvlp": (
         "Stage 1: class-wise visual-linguistic pre-training (CVLP)",
         "Every training image is paired with one sentence drawn from its class; the loss is "
@@ -159,7 +164,11 @@ def build_model_card(
 ) -> ModelCard:
     stages = {entry["stage"]: entry for entry in history}
     base_model = history[0]["settings"].get("model_name_or_path") if history else None
+    converted = stages.get("convert")
     classifier = "lgr" in stages or "anss" in stages or getattr(config, "head_type", None) == "fc"
+    classifier = (
+        classifier or (converted or {}).get("settings", {}).get("architecture") == "VLLTRForImageClassification"
+    )
     repo = hub_model_id or f"<your-org>/{folder_name}"
     num_classes = config.num_labels
     dataset_tag = stages.get("eval", {}).get("settings", {}).get("dataset_tag")
@@ -204,7 +213,7 @@ def build_model_card(
         title = f"VL-LTR classifier ({num_classes} classes)"
         summary = f"A VL-LTR image classifier over {num_classes} classes" + (
             ", trained through both stages."
-            if "lgr" in stages
+            if "lgr" in stages or converted
             else ", after anchor sentence selection: its image-branch MLP is not trained yet (run `training.run_lgr`)."
         )
     else:
@@ -220,7 +229,7 @@ def build_model_card(
             "anchor sentence selection (`training.run_select_anchors`). It also works as a CLIP for zero-shot use."
         )
     stage_list = []
-    for key in ("cvlp", "anss", "lgr"):
+    for key in ("convert", "cvlp", "anss", "lgr"):
         if key in stages:
             heading, description = STAGE_TEXT[key]
             entry = stages[key]
@@ -243,6 +252,7 @@ def build_model_card(
         stages=stage_list,
         num_classes=num_classes,
         base_model_text=base_model or "unknown",
+        reported=(converted or {}).get("reported"),
         extra_limitations=None,
     )
 
