@@ -157,7 +157,8 @@ class Runner:
     def common(self) -> list[str]:
         c = self.ctx
         return ["--seed", str(self.seed), "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "50",
-                "--save_strategy", "no", "--dataloader_num_workers", "0", *c.data_argv]  # fmt: skip
+                "--save_strategy", "no", "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "64",
+                *c.data_argv]  # fmt: skip
 
     def stage1(self, start: str, beta: float, tag: str) -> tuple[Path, float]:
         c = self.ctx
