@@ -74,3 +74,44 @@ def test_table_prints_the_paper_and_the_verdicts(comparison):
 def test_unknown_method_is_one_clear_error(tmp_path):
     with pytest.raises(UsageError, match="unknown method.*lift"):
         compare.main(["--methods", "vlltr,lift", "--output_dir", str(tmp_path)])
+
+
+def test_post_hoc_logit_adjustment_like_a_naive_loop(tmp_path):
+    from types import SimpleNamespace
+
+    from training.metrics import ShotThresholds
+
+    rng = np.random.default_rng(0)
+    counts = [30, 10, 3, 1]
+    logits, labels = rng.normal(size=(20, 4)), rng.integers(0, 4, size=20)
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    np.savez(probe / "predictions.npz", labels=labels, logits=logits, predictions=logits.argmax(1))
+    (probe / "metrics.json").write_text(json.dumps({"per_class": {"train_count": counts}}))
+    ctx = SimpleNamespace(args=SimpleNamespace(logit_adjustment_tau=0.7), thresholds=ShotThresholds(many=20, few=5))
+    compare.post_hoc_logit_adjustment(probe, tmp_path / "la", ctx)
+    expected = []
+    for row in logits:
+        adjusted = [row[c] - 0.7 * np.log(counts[c] / sum(counts)) for c in range(4)]
+        expected.append(max(range(4), key=lambda c: adjusted[c]))
+    saved = np.load(tmp_path / "la" / "predictions.npz")
+    np.testing.assert_array_equal(saved["predictions"], expected)
+    metrics = json.loads((tmp_path / "la" / "metrics.json").read_text())
+    assert metrics["top1"] == pytest.approx(np.mean(np.array(expected) == labels))
+
+
+def test_random_init_keeps_the_architecture_and_differs_by_seed(tiny_clip_dir, tmp_path):
+    import torch
+    from transformers import CLIPModel
+
+    start = CLIPModel.from_pretrained(tiny_clip_dir)
+    # seeds 1 and 2: the fixture's CLIP is itself a random init drawn with torch.manual_seed(0)
+    compare.save_random_init(tiny_clip_dir, tmp_path / "a", seed=1)
+    compare.save_random_init(tiny_clip_dir, tmp_path / "b", seed=2)
+    a, b = CLIPModel.from_pretrained(tmp_path / "a"), CLIPModel.from_pretrained(tmp_path / "b")
+    assert a.config.to_dict()["vision_config"] == start.config.to_dict()["vision_config"]
+    weight = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    tensors = [m.state_dict()[weight] for m in (start, a, b)]
+    assert tensors[0].shape == tensors[1].shape
+    assert not torch.equal(tensors[0], tensors[1]) and not torch.equal(tensors[1], tensors[2])
+    assert (tmp_path / "a" / "tokenizer_config.json").is_file() or (tmp_path / "a" / "vocab.json").is_file()
