@@ -44,7 +44,7 @@ from .cli import UsageError, load_checked, parse_args, run_main
 from .corpus import load_corpus
 from .data import ProcessorTransform, eval_image_processor
 from .embedding import embed_images, embed_texts
-from .io_utils import atomic_write, atomic_write_text
+from .io_utils import atomic_write, atomic_write_npz, atomic_write_text
 from .lgr_config import LGRConfig
 from .metrics import ShotThresholds, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
 from .splits import load_labelled_split
@@ -299,11 +299,9 @@ for _method in (
 
 
 def _save_predictions(out: Path, labels: np.ndarray, logits: np.ndarray) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, labels=labels, logits=logits, predictions=logits.argmax(axis=1))
-
-    atomic_write(out / "predictions.npz", write)
+    atomic_write_npz(
+        out / "predictions.npz", {"labels": labels, "logits": logits, "predictions": logits.argmax(axis=1)}
+    )
 
 
 def _write_eval(out: Path, logits: np.ndarray, labels: np.ndarray, counts: np.ndarray, ctx: "Context", head: str):

@@ -41,7 +41,7 @@ from .cli import (
 )
 from .data import ProcessorTransform, eval_image_processor
 from .embedding import embed_images, predict_logits
-from .io_utils import atomic_write
+from .io_utils import atomic_write_npz
 from .knn import knn_scores
 from .metrics import ShotThresholds, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
 from .model_card import history_entry
@@ -85,11 +85,6 @@ class EvalArguments:
             "--eval_file) instead votes over the 5 nearest corpus sentences (docs/method.md §1.7)."
         },
     )
-
-
-def _save_npz(path: str, arrays: dict) -> None:
-    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a path
-        np.savez(f, **arrays)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -171,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     logits = np.asarray(out["logits"], dtype=np.float64)  # (N, C)
     arrays = {"labels": np.asarray(test.labels), "logits": logits, "predictions": logits.argmax(axis=1)}
     arrays.update({key: np.asarray(out[key]) for key in ("image_logits", "text_logits") if out[key] is not None})
-    atomic_write(out_dir / "predictions.npz", lambda tmp: _save_npz(tmp, arrays))
+    atomic_write_npz(out_dir / "predictions.npz", arrays)
     if per_class is not None:
         plot_per_class_accuracy(
             {eval_args.method_name: np.asarray(per_class, dtype=float)},
