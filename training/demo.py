@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     table = _table(rows)
     print(table)
+    print(f"(one run, seed {args.seed}; `make compare` gives the mean ± std over seeds, beside the paper's ablation)")
     print(f"VL-LTR branches alone, overall top-1: image {100 * vlltr['image_top1']:.1f}, "
           f"text {100 * vlltr['text_top1']:.1f}")  # fmt: skip
     plot_per_class_accuracy(per_class, counts, out / "per_class_accuracy.png", THRESHOLDS,

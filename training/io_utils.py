@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 class DataError(ValueError):
     """A problem with the user's data (a split file, an image, the class list or the text corpus), raised with one
@@ -54,3 +56,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_write_npz(path: str | os.PathLike, arrays: dict) -> None:
+    """`numpy.savez` of `arrays` to `path`, atomically (through a file object: `savez` would add ".npz" to a name)."""
+
+    def _write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, _write)

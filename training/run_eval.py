@@ -5,6 +5,16 @@ accuracy against training-set size, and records the results in the checkpoint's 
     python -m training.run_eval --model_name_or_path OUT3 --test_file test.txt --train_file train.txt \
         --image_root ROOT --output_dir OUT4
 
+The paper's KNN head (ablation row 6) from a stage-1 checkpoint: `--knn K` classifies each test image by a majority
+vote of its K nearest training images (`--train_file`, embedded by the stage-1 image tower), cosine similarity; a tie
+in votes goes to the tied class whose nearest member is the more similar (see `training/knn.py`):
+
+    python -m training.run_eval --model_name_or_path OUT1 --knn 5 --test_file test.txt --train_file train.txt \
+        --image_root ROOT --output_dir OUT_KNN
+
+`predictions.npz` holds the labels, the scores and the predicted class of every test image, so every number in
+`metrics.json` can be recomputed.
+
 Shot groups follow the standard convention (> 100, 20-100, < 20 training images); `--shot_thresholds official`
 uses the reference code's (>= 100, 21-99, <= 20) and `--shot_logits sum` its summed-logit prediction for them.
 """
@@ -13,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import AutoImageProcessor, TrainingArguments
 
-from modeling_vlltr import VLLTRForImageClassification
+from modeling_vlltr import VLLTRForImageClassification, VLLTRModel
 
 from .arguments import DataArguments, ModelArguments
 from .cli import (
@@ -29,7 +40,9 @@ from .cli import (
     setup_logging,
 )
 from .data import ProcessorTransform, eval_image_processor
-from .embedding import predict_logits
+from .embedding import embed_images, predict_logits
+from .io_utils import atomic_write_npz
+from .knn import knn_scores
 from .metrics import ShotThresholds, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
 from .model_card import history_entry
 from .splits import checkpoint_class_names, load_labelled_split
@@ -62,6 +75,16 @@ class EvalArguments:
     dataset_tag: str | None = field(
         default=None, metadata={"help": "Dataset name for the model card metadata (e.g. imagenet-lt)."}
     )
+    knn: int | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate the KNN head instead of a classifier: --model_name_or_path is a stage-1 checkpoint, "
+            "and each test image takes the majority class of its K nearest --train_file images (stage-1 image "
+            "embeddings, cosine; a tie goes to the tied class with the more similar nearest member). This is the "
+            "paper's KNN row with the training images as memory; the official stage-1 `knn_5` (run_cvlp "
+            "--eval_file) instead votes over the 5 nearest corpus sentences (docs/method.md §1.7)."
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -73,9 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
     hub = model_args.hub_kwargs
     if args.push_to_hub and not Path(str(model_args.model_name_or_path)).is_dir():
         raise UsageError("--push_to_hub publishes the evaluated checkpoint folder: give a local --model_name_or_path.")
-    model = load_checked(
-        "--model_name_or_path", VLLTRForImageClassification.from_pretrained, model_args.model_name_or_path, **hub
-    )
+    if eval_args.knn is not None and eval_args.knn < 1:
+        raise UsageError(f"--knn must be a number of neighbours >= 1, got {eval_args.knn}.")
+    model_class = VLLTRModel if eval_args.knn is not None else VLLTRForImageClassification
+    model = load_checked("--model_name_or_path", model_class.from_pretrained, model_args.model_name_or_path, **hub)
 
     # ---- Data: the test split, and the training split's class counts for the shot groups -----------------------------
     usage = "Give --test_file (the split to evaluate) and --train_file (for the shot groups)."
@@ -99,9 +123,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- Predict and score --------------------------------------------------------------------------------------------
     model = model.to(args.device).eval()
-    out = predict_logits(
-        model, dataset, args.per_device_eval_batch_size, args.dataloader_num_workers, desc="Evaluating"
-    )
+    if eval_args.knn is not None:  # the KNN head: the training images' stage-1 embeddings are the memory
+        memory = train.dataset(ProcessorTransform(image_processor))
+        batch, workers = args.per_device_eval_batch_size, args.dataloader_num_workers
+        memory_embeds = embed_images(model, memory, batch, workers, desc="KNN memory (training images)")
+        test_embeds = embed_images(model, dataset, batch, workers, desc="Evaluating")
+        scores = knn_scores(test_embeds, memory_embeds, torch.as_tensor(train.labels), len(counts), eval_args.knn)
+        out = {"logits": scores, "image_logits": None, "text_logits": None}
+    else:
+        out = predict_logits(
+            model, dataset, args.per_device_eval_batch_size, args.dataloader_num_workers, desc="Evaluating"
+        )
     base = ShotThresholds.from_name(eval_args.shot_thresholds)
     thresholds = ShotThresholds(
         many=eval_args.many_shot_threshold if eval_args.many_shot_threshold is not None else base.many,
@@ -121,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_test_images": len(dataset),
         "thresholds": {"many": thresholds.many, "few": thresholds.few, "inclusive": thresholds.inclusive},
         "shot_logits": eval_args.shot_logits,
+        "head": f"knn (K={eval_args.knn}, training images)" if eval_args.knn is not None else model.config.head_type,
         **metrics,
         "per_class": {
             "train_count": counts.tolist(),
@@ -130,6 +163,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out_dir = Path(args.output_dir)
     write_metrics_json(out_dir / "metrics.json", report)
+    logits = np.asarray(out["logits"], dtype=np.float64)  # (N, C)
+    arrays = {"labels": np.asarray(test.labels), "logits": logits, "predictions": logits.argmax(axis=1)}
+    arrays.update({key: np.asarray(out[key]) for key in ("image_logits", "text_logits") if out[key] is not None})
+    atomic_write_npz(out_dir / "predictions.npz", arrays)
     if per_class is not None:
         plot_per_class_accuracy(
             {eval_args.method_name: np.asarray(per_class, dtype=float)},
@@ -141,13 +178,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- Record in the checkpoint's card -------------------------------------------------------------------------------
     checkpoint = Path(str(model_args.model_name_or_path))
-    if eval_args.update_model_card and checkpoint.is_dir():
+    # a KNN evaluation leaves the stage-1 checkpoint's card alone: that checkpoint is not an image classifier
+    if eval_args.update_model_card and checkpoint.is_dir() and eval_args.knn is None:
         settings = {
             "test_file": report["test_file"],
             "num_test_images": len(dataset),
             **report["thresholds"],
             "shot_logits": eval_args.shot_logits,
             "dataset_tag": eval_args.dataset_tag,
+            "head": report["head"],
         }
         entry = history_entry("run_eval", "eval", settings, metrics)
         record_run(checkpoint, checkpoint, entry, model.config, args)

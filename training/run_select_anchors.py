@@ -8,6 +8,14 @@ for ImageNet-LT and Places-LT, and against at most 50 training images per class 
     python -m training.run_select_anchors --model_name_or_path OUT1 --selection_file val.txt --image_root ROOT \
         --class_names classes.txt --text_corpus corpus.json --num_anchor_sentences 64 --output_dir OUT2
 
+The paper's FC-head ablation (docs/method.md §3.9, ablation row 5) starts here too: `--head_type fc` builds the
+classifier with one linear layer on E_I instead of the LGR head. It has no anchors, so no sentence is scored and no
+corpus is read; the selection (or training) split only supplies the class names and their order. Train it with
+run_lgr like the LGR head:
+
+    python -m training.run_select_anchors --model_name_or_path OUT1 --train_file train.txt --image_root ROOT \
+        --class_names classes.txt --head_type fc --output_dir OUT2_FC
+
 Without --selection_file the first --max_images_per_class training images of each class are used:
 
     python -m training.run_select_anchors --model_name_or_path OUT1 --train_file train2018.json --image_root ROOT \
@@ -68,6 +76,14 @@ class AnchorArguments:
     detach_anchor_norm: bool = field(
         default=False, metadata={"help": "Detach ‖G‖ in the text branch (reference v_detach, iNaturalist)."}
     )
+    head_type: str = field(
+        default="lgr",
+        metadata={
+            "help": "'lgr' (the anchors' language-guided head) or 'fc' (one linear layer on E_I, the paper's FC "
+            "ablation; no sentence is scored then, and --text_corpus is not needed).",
+            "choices": ["lgr", "fc"],
+        },
+    )
     report_worst: int = field(default=5, metadata={"help": "Least visual sentences listed per class in the report."})
     text_batch_size: int = field(default=256, metadata={"help": "Sentences embedded per batch."})
 
@@ -97,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     class_names = selection.class_names
     num_classes = len(class_names)
     missing = sorted(set(range(num_classes)) - set(selection.labels.tolist()))
+    if anchor_args.head_type == "fc":
+        return _fc_classifier(model_args, selection, anchor_args, args)
     if missing and anchor_args.anchor_selection == "anss":
         names = ", ".join(repr(class_names[c]) for c in missing[:5])
         raise UsageError(f"The selection split has no image of {len(missing)} class(es) ({names}); AnSS needs them.")
@@ -172,6 +190,34 @@ def main(argv: list[str] | None = None) -> dict:
     record_run(
         args.output_dir, model_args.model_name_or_path, entry, classifier.config, args, args.push_to_hub,
         "VL-LTR anchors (anchor sentence selection)",
+    )  # fmt: skip
+    return results
+
+
+def _fc_classifier(model_args: ModelArguments, selection, anchor_args: AnchorArguments, args) -> dict:
+    """The stage-2 starting checkpoint with the FC head: the stage-1 CLIP and a new `Linear(D, C)`; nothing to select."""
+    hub = model_args.hub_kwargs
+    id2label = dict(enumerate(selection.class_names))
+    config = VLLTRConfig.from_pretrained(
+        model_args.model_name_or_path,
+        id2label=id2label,
+        label2id={name: i for i, name in id2label.items()},
+        head_type="fc",
+        **hub,
+    )
+    classifier = load_new_head(
+        VLLTRForImageClassification.from_pretrained, model_args.model_name_or_path, config=config, **hub
+    )
+    classifier.save_pretrained(args.output_dir)
+    load_checked(
+        "--model_name_or_path", AutoTokenizer.from_pretrained, model_args.model_name_or_path, **hub
+    ).save_pretrained(args.output_dir)
+    eval_image_processor(config.clip_config.vision_config.image_size).save_pretrained(args.output_dir)
+    results = {"num_classes": len(id2label)}
+    entry = history_entry("run_select_anchors", "fc_head", {"head_type": "fc", "classes": selection.description})
+    record_run(
+        args.output_dir, model_args.model_name_or_path, entry, classifier.config, args, args.push_to_hub,
+        "VL-LTR FC head (the paper's FC ablation)",
     )  # fmt: skip
     return results
 

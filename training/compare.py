@@ -1,0 +1,621 @@
+"""VL-LTR beside its peers and its own ablations, on one dataset, over seeds.
+
+    python -m training.compare --output_dir compare_output                     # what `make compare` runs
+    python -m training.compare --seeds 1 --methods zero_shot,vlltr --output_dir compare_smoke
+    python -m training.compare --clip openai/clip-vit-base-patch16 --train_file train.txt --test_file test.txt \
+        --selection_file val.txt --image_root ROOT --class_names classes.txt --text_corpus corpus.json \
+        --output_dir compare_mydata
+
+Every method is a real run of this package's scripts (`run_cvlp`, `run_select_anchors`, `run_lgr`, `run_eval`, each
+through its `main(argv)`), once per seed; a step several methods share (the stage-1 model of VL-LTR, the FC head,
+the KNN head, Cut Off and Random) runs once per seed and its seconds count for each method that uses it. Each run's
+`metrics.json` and `predictions.npz` stay under `OUTPUT_DIR/seed_S/`; `results.json` holds every run's numbers and
+seed, `table.md` the mean ± standard deviation over seeds next to the paper's ablation numbers with a verdict on
+each of the paper's claims, `compare.png` the per-method bars with each seed's value, and `per_class_accuracy.png`
+the per-class accuracy (mean over seeds) against training images.
+
+Without data flags it uses the demo's long-tailed digits and stand-in CLIP (`training/demo.py`), with the demo's
+shortened schedules; the defaults of `--stage1_epochs` etc. are those short schedules, not the paper's.
+"""
+
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel
+from transformers.utils import logging
+from transformers.utils.logging import tqdm
+
+from modeling_vlltr import VLLTRModel
+
+from . import run_cvlp, run_eval, run_lgr, run_select_anchors
+from .arguments import CorpusArguments, DataArguments
+from .cli import UsageError, load_checked, parse_args, run_main
+from .corpus import load_corpus
+from .data import ProcessorTransform, eval_image_processor
+from .embedding import embed_images, embed_texts
+from .io_utils import atomic_write, atomic_write_npz, atomic_write_text
+from .lgr_config import LGRConfig
+from .metrics import ShotThresholds, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
+from .splits import load_labelled_split
+
+logger = logging.get_logger(__name__)
+
+GROUPS = ("overall", "many", "medium", "few")
+# The paper's ablation (Tian et al. 2022, ablation table; ImageNet-LT, CLIP ResNet-50, top-1 %), as reported there
+# and listed in docs/method.md §5.2. These are the paper's numbers, printed beside the measured ones, never measured.
+PAPER_SOURCE = "paper, ImageNet-LT, CLIP ResNet-50 (docs/method.md §5.2)"
+PAPER_ABLATION = {
+    "vlltr": 70.1,
+    "no_pretrain": 62.8,
+    "no_clip": 46.8,
+    "no_dis": 66.2,
+    "fc": 62.1,
+    "knn": 63.9,
+    "cutoff": 69.7,
+}
+# The paper's claims, as (text, method expected better, method expected worse).
+CLAIMS = (
+    ("CLIP weights help", "vlltr", "no_clip"),
+    ("pre-training (CVLP) helps", "vlltr", "no_pretrain"),
+    ("L_dis helps", "vlltr", "no_dis"),
+    ("LGR > FC head", "vlltr", "fc"),
+    ("LGR > KNN head", "vlltr", "knn"),
+    ("AnSS ≥ Cut Off", "vlltr", "cutoff"),
+)
+RULE = (
+    "a claim 'holds' when mean(better) − mean(worse) > std(better) + std(worse) (sample std over seeds), is "
+    "'contradicted' when the reverse difference exceeds that sum, and is 'within spread' otherwise; with one seed "
+    "there is no spread and no verdict"
+)
+
+
+@dataclass
+class CompareArguments:
+    output_dir: str = field(default="compare_output", metadata={"help": "Where every run and the results go."})
+    methods: str = field(default="all", metadata={"help": "Comma-separated method names, or 'all'."})
+    seeds: int = field(default=3, metadata={"help": "Number of seeds; seed s runs with --seed first_seed + s."})
+    first_seed: int = field(default=0, metadata={"help": "The first seed."})
+    clip: str | None = field(
+        default=None, metadata={"help": "The CLIP to start from (Hub name or folder); default: the demo's stand-in."}
+    )
+    test_file: str | None = field(default=None, metadata={"help": "The split every method is evaluated on."})
+    test_split: str | None = field(default=None, metadata={"help": "The same, as a 🤗 dataset split name."})
+    selection_file: str | None = field(
+        default=None, metadata={"help": "Anchor-selection images; default: 50 training images per class."}
+    )
+    selection_split: str | None = field(default=None, metadata={"help": "The same, as a 🤗 dataset split name."})
+    many_shot_threshold: int | None = field(
+        default=None, metadata={"help": "Many-shot boundary (default 100; digits 50)."}
+    )
+    few_shot_threshold: int | None = field(
+        default=None, metadata={"help": "Few-shot boundary (default 20; digits 15)."}
+    )
+    stage1_epochs: float = field(default=30, metadata={"help": "Stage-1 epochs (the demo's 30; reference 50)."})
+    stage2_epochs: float = field(default=50, metadata={"help": "Stage-2 (LGR / FC head) epochs (the demo's 50)."})
+    linear_epochs: float = field(default=50, metadata={"help": "Linear-probe epochs."})
+    batch_size: int = field(default=64, metadata={"help": "Per-device batch size of every training run."})
+    stage1_learning_rate: float = field(default=5e-4, metadata={"help": "Stage-1 learning rate (the demo's)."})
+    stage2_learning_rate: float = field(default=3e-3, metadata={"help": "Stage-2 learning rate (the demo's)."})
+    linear_learning_rate: float = field(default=1e-2, metadata={"help": "Linear-probe learning rate."})
+    num_anchor_sentences: int = field(default=16, metadata={"help": "M anchors per class (the demo's 16)."})
+    knn_k: int = field(default=5, metadata={"help": "K of the KNN head."})
+    logit_adjustment_tau: float = field(default=1.0, metadata={"help": "τ of the logit-adjusted linear probe."})
+    standin_epochs: int = field(default=40, metadata={"help": "Demo data only: stand-in CLIP pre-training epochs."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace what --output_dir holds."})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The runs: each step calls a script's main(argv) once per seed; shared steps are cached for the seed
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _argv_of(obj) -> list[str]:
+    """The command-line flags that reproduce the non-default fields of an argument dataclass."""
+    argv = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        default = f.default if f.default is not MISSING else None
+        if value is None or value == default:
+            continue
+        argv += [f"--{f.name}", str(value)]
+    return argv
+
+
+class Runner:
+    """Runs the steps of the methods for one seed; a step shared by several methods runs once and is remembered with
+    the seconds it took."""
+
+    def __init__(self, ctx: "Context", seed: int):
+        self.ctx, self.seed = ctx, seed
+        self.root = ctx.out / f"seed_{seed}"
+        self.done: dict[str, tuple[Path, float]] = {}
+
+    def step(self, tag: str, work: Callable[[Path], object]) -> tuple[Path, float]:
+        """Runs `work(folder)` once for this seed; returns the folder and the seconds it took (its own, not its
+        inputs')."""
+        if tag not in self.done:
+            folder = self.root / tag
+            if folder.exists():
+                shutil.rmtree(folder)
+            start = time.time()
+            work(folder)
+            self.done[tag] = (folder, time.time() - start)
+        return self.done[tag]
+
+    # -- the scripts, with the seed and the data flags of this comparison
+    def common(self) -> list[str]:
+        c = self.ctx
+        return ["--seed", str(self.seed), "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "50",
+                "--save_strategy", "no", "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "64",
+                *c.data_argv]  # fmt: skip
+
+    def stage1(self, start: str, beta: float, tag: str) -> tuple[Path, float]:
+        c = self.ctx
+        return self.step(tag, lambda out: run_cvlp.main(
+            ["--model_name_or_path", start, "--output_dir", str(out), "--num_train_epochs", str(c.args.stage1_epochs),
+             "--per_device_train_batch_size", str(c.args.batch_size), "--learning_rate",
+             str(c.args.stage1_learning_rate), "--distillation_beta", str(beta), *c.corpus_argv, *c.augment,
+             *self.common()]
+        ))  # fmt: skip
+
+    def select(self, model: Path | str, tag: str, extra: list[str]) -> tuple[Path, float]:
+        c = self.ctx
+        return self.step(tag, lambda out: run_select_anchors.main(
+            ["--model_name_or_path", str(model), "--output_dir", str(out), "--num_anchor_sentences",
+             str(c.args.num_anchor_sentences), *c.selection_argv, *c.corpus_argv, *extra, *self.common()]
+        ))  # fmt: skip
+
+    def stage2(
+        self, init: Path, tag: str, epochs: float, learning_rate: float, extra: list[str]
+    ) -> tuple[Path, float]:
+        c = self.ctx
+        return self.step(tag, lambda out: run_lgr.main(
+            ["--model_name_or_path", str(init), "--output_dir", str(out), "--num_train_epochs", str(epochs),
+             "--per_device_train_batch_size", str(c.args.batch_size), "--learning_rate", str(learning_rate),
+             *c.augment, *extra, *self.common()]
+        ))  # fmt: skip
+
+    def evaluate(self, model: Path, tag: str, extra: list[str] = ()) -> tuple[Path, float]:
+        c = self.ctx
+        return self.step(tag, lambda out: run_eval.main(
+            ["--model_name_or_path", str(model), "--output_dir", str(out), "--update_model_card", "False",
+             *c.test_argv, *c.threshold_argv, *extra, *self.common()]
+        ))  # fmt: skip
+
+    # -- the pipelines the methods are made of
+    def vlltr_from(self, stage1: tuple[Path, float], tag: str, strategy: str = "anss") -> list[tuple[Path, float]]:
+        """Anchor selection on a stage-1 model, stage 2, evaluation."""
+        anchors = self.select(stage1[0], f"{tag}_anchors", ["--anchor_selection", strategy])
+        lgr = self.stage2(
+            anchors[0], f"{tag}_stage2", self.ctx.args.stage2_epochs, self.ctx.args.stage2_learning_rate, []
+        )
+        return [stage1, anchors, lgr, self.evaluate(lgr[0], f"{tag}_eval")]
+
+    def full_stage1(self) -> tuple[Path, float]:
+        return self.stage1(self.ctx.clip, 0.5, "stage1")
+
+    def linear_probe(self) -> list[tuple[Path, float]]:
+        """FC head on the starting CLIP, frozen tower, instance-balanced sampling, plain cross-entropy."""
+        a = self.ctx.args
+        init = self.select(self.ctx.clip, "linear_init", ["--head_type", "fc"])
+        plain = ["--sampling", "instance", "--mixup_alpha", "0", "--cutmix_alpha", "0", "--label_smoothing", "0"]
+        probe = self.stage2(init[0], "linear_ce", a.linear_epochs, a.linear_learning_rate, plain)
+        return [init, probe, self.evaluate(probe[0], "linear_ce_eval")]
+
+
+@dataclass
+class Method:
+    """One row of the comparison. `run(runner)` runs (or reuses) the steps of one seed and returns them, the last
+    being a folder with `metrics.json` and `predictions.npz`. Adding a method is one `register(Method(...))`."""
+
+    name: str
+    label: str
+    run: Callable[[Runner], list[tuple[Path, float]]]
+    description: str = ""
+    paper_top1: float | None = None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def _zero_shot(r: Runner) -> list[tuple[Path, float]]:
+    return [r.step("zero_shot_eval", lambda out: zero_shot_eval(r.ctx, out))]
+
+
+def _no_clip(r: Runner) -> list[tuple[Path, float]]:
+    init = r.step("random_clip", lambda out: save_random_init(r.ctx.clip, out, r.seed))
+    return [init, *r.vlltr_from(r.stage1(str(init[0]), 0.0, "random_stage1"), "no_clip")]
+
+
+def _fc(r: Runner) -> list[tuple[Path, float]]:
+    stage1 = r.full_stage1()
+    init = r.select(stage1[0], "fc_init", ["--head_type", "fc"])
+    head = r.stage2(init[0], "fc_stage2", r.ctx.args.stage2_epochs, r.ctx.args.stage2_learning_rate, [])
+    return [stage1, init, head, r.evaluate(head[0], "fc_eval")]
+
+
+def _knn(r: Runner) -> list[tuple[Path, float]]:
+    stage1 = r.full_stage1()
+    return [stage1, r.evaluate(stage1[0], "knn_eval", ["--knn", str(r.ctx.args.knn_k)])]
+
+
+def _linear_la(r: Runner) -> list[tuple[Path, float]]:
+    """Linear probe with logit adjustment (Menon et al., ICLR 2021). When run_lgr has a `--logit_adjustment TAU`
+    flag, the logit-adjusted loss is trained by it; until then the post-hoc form of the same paper (their eq. 9,
+    f_y(x) − τ·log π_y on the cross-entropy probe's logits) is applied to the saved predictions of the CE probe."""
+    a = r.ctx.args
+    if "logit_adjustment" in {f.name for f in fields(LGRConfig)}:
+        init = r.select(r.ctx.clip, "linear_init", ["--head_type", "fc"])
+        plain = ["--sampling", "instance", "--mixup_alpha", "0", "--cutmix_alpha", "0", "--label_smoothing", "0"]
+        la = ["--logit_adjustment", str(a.logit_adjustment_tau)]
+        probe = r.stage2(init[0], "linear_la", a.linear_epochs, a.linear_learning_rate, plain + la)
+        return [init, probe, r.evaluate(probe[0], "linear_la_eval")]
+    steps = r.linear_probe()
+    return [*steps, r.step("linear_la_eval", lambda out: post_hoc_logit_adjustment(steps[-1][0], out, r.ctx))]
+
+
+for _method in (
+    Method("zero_shot", "Zero-shot CLIP (80 prompts)", _zero_shot, "the starting CLIP, prompt ensembling"),
+    Method("linear_ce", "Linear probe, CE", lambda r: r.linear_probe(),
+           "frozen starting CLIP + linear layer, cross-entropy, instance-balanced sampling"),
+    Method("linear_la", "Linear probe, logit adjustment", _linear_la,
+           "the linear probe with logit adjustment (post-hoc until run_lgr has --logit_adjustment)"),
+    Method("vlltr", "VL-LTR", lambda r: r.vlltr_from(r.full_stage1(), "vlltr"), "stage 1 (β = 0.5), AnSS, LGR"),
+    Method("no_pretrain", "  w/o CVLP pre-training", lambda r: r.vlltr_from((r.ctx.clip, 0.0), "no_pretrain"),
+           "anchors and stage 2 from the starting CLIP"),
+    Method("no_clip", "  w/o CLIP weights", _no_clip, "random init of the same architecture, stage 1 with β = 0"),
+    Method("no_dis", "  w/o L_dis", lambda r: r.vlltr_from(r.stage1(r.ctx.clip, 0.0, "stage1_no_dis"), "no_dis"),
+           "stage 1 with --distillation_beta 0"),
+    Method("fc", "  FC head", _fc, "stage 1, then run_select_anchors --head_type fc and run_lgr"),
+    Method("knn", "  KNN head", _knn, "stage 1, then run_eval --knn K over the training images"),
+    Method("cutoff", "  Cut Off anchors", lambda r: r.vlltr_from(r.full_stage1(), "cutoff", "cutoff"),
+           "--anchor_selection cutoff"),
+    Method("random", "  Random anchors", lambda r: r.vlltr_from(r.full_stage1(), "random", "random"),
+           "--anchor_selection random"),
+):  # fmt: skip
+    _method.paper_top1 = PAPER_ABLATION.get(_method.name)
+    register(_method)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Methods that are not a run_eval of a checkpoint
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _save_predictions(out: Path, labels: np.ndarray, logits: np.ndarray) -> None:
+    atomic_write_npz(
+        out / "predictions.npz", {"labels": labels, "logits": logits, "predictions": logits.argmax(axis=1)}
+    )
+
+
+def _write_eval(out: Path, logits: np.ndarray, labels: np.ndarray, counts: np.ndarray, ctx: "Context", head: str):
+    """metrics.json and predictions.npz in run_eval's layout."""
+    metrics = long_tail_metrics(logits, labels, counts, ctx.thresholds)
+    per_class = metrics.pop("per_class_top1")
+    report = {"head": head, "num_test_images": int(len(labels)), **metrics,
+              "per_class": {"train_count": counts.tolist(), "top1": per_class}}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    write_metrics_json(out / "metrics.json", report)
+    _save_predictions(out, labels, logits)
+
+
+@torch.no_grad()
+def zero_shot_eval(ctx: "Context", out: Path) -> None:
+    """Zero-shot CLIP: each class is the normalised mean embedding of its 80 prompts (CLIP's prompt ensembling)."""
+    model = load_checked("--clip", VLLTRModel.from_pretrained, ctx.clip).eval()
+    tokenizer = load_checked("--clip", AutoTokenizer.from_pretrained, ctx.clip)
+    class_names = ctx.train.class_names
+    corpus, tokens = load_corpus(
+        CorpusArguments(text_corpus="templates"), class_names, tokenizer, model.config.clip_config.text_config
+    )
+    text = F.normalize(embed_texts(model, tokens, desc="Zero-shot prompts"), dim=-1)  # (N_t, D)
+    labels = torch.as_tensor(corpus.labels)
+    classes = F.normalize(torch.stack([text[labels == c].mean(0) for c in range(len(class_names))]), dim=-1)  # (C, D)
+    processor = eval_image_processor(model.config.clip_config.vision_config.image_size)
+    test = ctx.test.dataset(ProcessorTransform(processor))
+    image = F.normalize(embed_images(model, test, desc="Zero-shot images"), dim=-1)  # (N, D)
+    logits = (model.clip.logit_scale.exp() * image @ classes.T).double().numpy()  # (N, C)
+    _write_eval(out, logits, np.asarray(ctx.test.labels), ctx.train.class_counts, ctx, "zero-shot")
+
+
+def post_hoc_logit_adjustment(probe_eval: Path, out: Path, ctx: "Context") -> None:
+    """Post-hoc logit adjustment of a trained probe's saved test logits: f_y(x) − τ·log π_y, π the training prior."""
+    saved = np.load(probe_eval / "predictions.npz")
+    counts = np.asarray(json.loads((probe_eval / "metrics.json").read_text())["per_class"]["train_count"], float)
+    prior = np.maximum(counts, 1.0) / counts.sum()  # (C,); a class with no image gets a count of one
+    logits = saved["logits"] - ctx.args.logit_adjustment_tau * np.log(prior)[None, :]  # (N, C)
+    _write_eval(out, logits, saved["labels"], counts.astype(int), ctx, "linear + post-hoc LA")
+
+
+def save_random_init(clip: str, out: Path, seed: int) -> None:
+    """The starting CLIP's architecture with random weights (seeded), saved with its tokenizer and image processor:
+    the 'no CLIP weights' ablation starts the whole pipeline from it."""
+    config = load_checked("--clip", CLIPConfig.from_pretrained, clip)
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(clip).save_pretrained(out)
+    try:
+        AutoImageProcessor.from_pretrained(clip).save_pretrained(out)
+    except (OSError, ValueError):
+        eval_image_processor(config.vision_config.image_size).save_pretrained(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The comparison
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    args: CompareArguments
+    out: Path
+    clip: str
+    data_argv: list[str]
+    corpus_argv: list[str]
+    test_argv: list[str]
+    selection_argv: list[str]
+    threshold_argv: list[str]
+    augment: list[str]
+    thresholds: ShotThresholds
+    train: object
+    test: object
+    note: str
+
+
+def _summary(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _fmt(mean: float, std: float, seeds: int) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if seeds > 1 else f"{100 * mean:.1f}"
+
+
+def verdicts(summary: dict, seeds: int) -> list[dict]:
+    """The paper's claims checked on the measured overall top-1 (see RULE)."""
+    rows = []
+    for text, better, worse in CLAIMS:
+        if better not in summary or worse not in summary:
+            continue
+        (mb, sb), (mw, sw) = summary[better]["overall"], summary[worse]["overall"]
+        diff, spread = mb - mw, sb + sw
+        if seeds < 2:
+            verdict = "no verdict (one seed)"
+        elif diff > spread:
+            verdict = "holds"
+        elif -diff > spread:
+            verdict = "contradicted"
+        else:
+            verdict = "within spread"
+        paper = None
+        if better in PAPER_ABLATION and worse in PAPER_ABLATION:
+            paper = round(PAPER_ABLATION[better] - PAPER_ABLATION[worse], 1)
+        rows.append({"claim": text, "better": better, "worse": worse, "difference": diff, "spread": spread,
+                     "verdict": verdict, "paper_difference": paper})  # fmt: skip
+    return rows
+
+
+def markdown_table(summary: dict, seconds: dict, seeds: list[int], claims: list[dict], note: str) -> str:
+    n = len(seeds)
+    spread = "mean ± sample std over" if n > 1 else "one run,"
+    lines = [
+        f"Top-1 (%), {spread} seeds {', '.join(map(str, seeds))}. {note}",
+        "",
+        "| method | paper's top-1 † | overall | many | medium | few | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in summary.items():
+        method = METHODS[name]
+        paper = f"{method.paper_top1:.1f}" if method.paper_top1 is not None else "—"
+        cells = [_fmt(*row[g], n) for g in GROUPS]
+        secs = f"{np.mean(seconds[name]):.0f}"
+        lines.append(f"| {method.label.strip()} (`{name}`) | {paper} | " + " | ".join(cells) + f" | {secs} |")
+    if claims:
+        lines += ["", f"The paper's claims here ({RULE}):", "",
+                  "| claim | measured difference | seeds' spread | paper's difference | verdict |", "|---|---|---|---|---|"]  # fmt: skip
+        for c in claims:
+            paper = f"{c['paper_difference']:+.1f}" if c["paper_difference"] is not None else "—"
+            lines.append(f"| {c['claim']} | {100 * c['difference']:+.1f} | {100 * c['spread']:.1f} | {paper} | "
+                         f"{c['verdict']} |")  # fmt: skip
+    lines += ["", f"† The numbers the paper reports ({PAPER_SOURCE}), not runs of this code. Seconds count every step "
+              "a method needs, including a stage 1 it shares with others."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot_bars(summary: dict, per_seed: dict, path: Path) -> None:
+    """Per-method bars (mean overall top-1) with each seed's value as a dot and the sample std as an error bar."""
+    names = list(summary)
+    figure = Figure(figsize=(max(6, 0.8 * len(names) + 2), 4.5), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    x = np.arange(len(names))
+    means = [100 * summary[n]["overall"][0] for n in names]
+    stds = [100 * summary[n]["overall"][1] for n in names]
+    axes.bar(x, means, yerr=stds, capsize=4, color="#8fb3d9", label="mean ± std")
+    for i, name in enumerate(names):
+        values = [100 * v for v in per_seed[name]["overall"]]
+        axes.scatter(np.full(len(values), i) + np.linspace(-0.15, 0.15, len(values)), values, s=12, color="k",
+                     zorder=3, label="one seed" if i == 0 else None)  # fmt: skip
+    axes.set_xticks(x, names, rotation=30, ha="right")
+    axes.set_ylabel("overall top-1 (%)")
+    axes.set_title("Methods over seeds")
+    axes.legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+
+
+def _parse_methods(text: str) -> list[str]:
+    if text == "all":
+        return list(METHODS)
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise UsageError(
+            f"--methods: unknown method(s) {', '.join(unknown) or '(none)'}; known: {', '.join(METHODS)}."
+        )
+    return names
+
+
+def _prepare_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"--output_dir {out} is not empty; pass --overwrite_output_dir or choose another folder.")
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def build_context(args: CompareArguments, data_args: DataArguments, corpus_args: CorpusArguments) -> Context:
+    out = Path(args.output_dir)
+    user_data = data_args.train_file is not None or data_args.dataset_name is not None
+    if user_data:
+        if args.test_file is None and args.test_split is None:
+            raise UsageError("Give the split to evaluate on: --test_file (or --test_split with --dataset_name).")
+        if args.clip is None:
+            raise UsageError("With your own data, give the CLIP to start from: --clip NAME_OR_FOLDER.")
+        if corpus_args.text_corpus is None:
+            raise UsageError("Give the class descriptions: --text_corpus (a JSON file, a folder, or 'templates').")
+        clip, augment = args.clip, []
+        defaults = ShotThresholds()
+        note = "Your data, the schedules given by the --*_epochs flags."
+    else:  # the demo's long-tailed digits and stand-in CLIP
+        from . import demo
+
+        logger.warning(
+            "No data flags: the demo's long-tailed digits and stand-in CLIP, with the demo's short schedules."
+        )
+        data = demo.build_digits(out / "data", seed=0)
+        clip = args.clip or demo.pretrain_standin_clip(data, out / "standin_clip", seed=0, epochs=args.standin_epochs)
+        data_args = DataArguments(train_file=data["train"], image_root=data["root"], class_names=data["classes"])
+        corpus_args = CorpusArguments(text_corpus=data["corpus"])
+        args.test_file, args.selection_file = data["test"], data["val"]
+        augment = ["--hflip", "0", "--crop_scale_min", "0.6", "--rand_augment", "False", "--random_erasing", "0"]
+        defaults = demo.THRESHOLDS
+        note = (f"Data: the demo's long-tailed digits (imbalance {demo.IMBALANCE}), stand-in CLIP; shortened "
+                f"schedules (stage 1 {args.stage1_epochs:g} epochs, stage 2 {args.stage2_epochs:g}, linear probe "
+                f"{args.linear_epochs:g}), not the paper's.")  # fmt: skip
+    thresholds = ShotThresholds(
+        many=args.many_shot_threshold if args.many_shot_threshold is not None else defaults.many,
+        few=args.few_shot_threshold if args.few_shot_threshold is not None else defaults.few,
+    )
+    train = load_labelled_split(data_args, data_args.train_file, data_args.train_split, "training split")
+    if train is None:
+        raise UsageError("Give the training images: --train_file or --dataset_name.")
+    test = load_labelled_split(data_args, args.test_file, args.test_split, "test split", class_names=train.class_names)
+    test_argv = ["--test_file", args.test_file] if args.test_file else ["--test_split", args.test_split]
+    if args.selection_file or args.selection_split:
+        selection_argv = (["--selection_file", args.selection_file] if args.selection_file
+                          else ["--selection_split", args.selection_split])  # fmt: skip
+    else:
+        selection_argv = []  # run_select_anchors takes the first 50 training images per class
+    data_argv = _argv_of(data_args)
+    if data_args.class_names is None:
+        # the scripts read the class names from the data; pin them so every run sees the same order
+        names_file = out / "class_names.txt"
+        atomic_write_text(names_file, "\n".join(train.class_names) + "\n")
+        data_argv += ["--class_names", str(names_file)]
+    threshold_argv = ["--many_shot_threshold", str(thresholds.many), "--few_shot_threshold", str(thresholds.few)]
+    return Context(args, out, clip, data_argv, _argv_of(corpus_args), test_argv, selection_argv, threshold_argv,
+                   augment, thresholds, train, test, note)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, data_args, corpus_args = parse_args((CompareArguments, DataArguments, CorpusArguments), argv)
+    methods = _parse_methods(args.methods)
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}.")
+    if args.clip is not None:
+        load_checked("--clip", CLIPConfig.from_pretrained, args.clip)
+    out = Path(args.output_dir)
+    _prepare_output_dir(out, args.overwrite_output_dir)
+    start = time.time()
+    ctx = build_context(args, data_args, corpus_args)
+    seeds = [args.first_seed + s for s in range(args.seeds)]
+    print(ctx.note, flush=True)
+
+    runs, seconds = [], {m: [] for m in methods}
+    with tqdm(total=len(seeds) * len(methods), desc="Comparing", unit="run") as bar:
+        for seed in seeds:
+            runner = Runner(ctx, seed)
+            for name in methods:
+                bar.set_postfix(method=name, seed=seed)
+                steps = METHODS[name].run(runner)
+                evaluated = steps[-1][0]
+                metrics = json.loads((Path(evaluated) / "metrics.json").read_text())
+                took = sum(s for _, s in steps)
+                seconds[name].append(took)
+                runs.append({
+                    "method": name, "seed": seed, "seconds": round(took, 1), "folder": str(evaluated),
+                    "steps": [str(p) for p, _ in steps],
+                    **{g: metrics["top1"] if g == "overall" else metrics[f"{g}_top1"] for g in GROUPS},
+                    "per_class_top1": metrics["per_class"]["top1"],
+                })  # fmt: skip
+                bar.update()
+
+    per_seed = {m: {g: [r[g] for r in runs if r["method"] == m] for g in GROUPS} for m in methods}
+    summary = {m: {g: _summary(per_seed[m][g]) for g in GROUPS} for m in methods}
+    claims = verdicts(summary, len(seeds))
+    table = markdown_table(summary, seconds, seeds, claims, ctx.note)
+    atomic_write_text(out / "table.md", table)
+    plot_bars(summary, per_seed, out / "compare.png")
+    counts = ctx.train.class_counts
+    per_class = {
+        m: np.nanmean(np.array([[np.nan if v is None else v for v in r["per_class_top1"]] for r in runs
+                                if r["method"] == m], dtype=float), axis=0)
+        for m in methods
+    }  # fmt: skip
+    plot_per_class_accuracy(per_class, counts, out / "per_class_accuracy.png", ctx.thresholds,
+                            title="Per-class top-1 (mean over seeds) against training images")  # fmt: skip
+    results = {
+        "command": "python -m training.compare " + " ".join(argv),
+        "seeds": seeds,
+        "note": ctx.note,
+        "clip": ctx.clip,
+        "train_counts": dict(zip(ctx.train.class_names, counts.tolist())),
+        "thresholds": {"many": ctx.thresholds.many, "few": ctx.thresholds.few},
+        "paper_source": PAPER_SOURCE,
+        "rule": RULE,
+        "methods": {
+            m: {
+                "label": METHODS[m].label.strip(),
+                "description": METHODS[m].description,
+                "paper_top1": METHODS[m].paper_top1,
+                **{g: {"mean": summary[m][g][0], "std": summary[m][g][1], "per_seed": per_seed[m][g]} for g in GROUPS},
+                "seconds_mean": float(np.mean(seconds[m])),
+            }
+            for m in methods
+        },  # fmt: skip
+        "claims": claims,
+        "runs": runs,
+        "total_seconds": round(time.time() - start, 1),
+    }
+    write_metrics_json(out / "results.json", results)  # NaN (a shot group without classes) becomes null
+    print("\n" + table)
+    print(f"Wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'compare.png'} and "
+          f"{out / 'per_class_accuracy.png'} in {results['total_seconds']:.0f} s.")  # fmt: skip
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main, "training.compare")
