@@ -39,7 +39,8 @@ def pipeline_run(tiny_clip_dir, lt_dataset, tmp_path_factory):
     )  # fmt: skip
     report = run_eval.main(
         ["--model_name_or_path", str(out / "stage2"), "--test_file", d["test"], "--train_file", d["train"],
-         "--output_dir", str(out / "eval"), "--many_shot_threshold", "8", "--few_shot_threshold", "4", *common]
+         "--output_dir", str(out / "eval"), "--many_shot_threshold", "8", "--few_shot_threshold", "4",
+         "--explain", "4", *common]
     )  # fmt: skip
     return out, report
 
@@ -79,10 +80,38 @@ def test_stored_anchors_are_the_lowest_scoring_sentences(pipeline_run, lt_datase
         ranked = sorted((s, i) for i, ((label, _), s) in enumerate(zip(sentences, scores)) if label == c)
         expected = torch.stack([text[i] for _, i in ranked[:M]]).float()
         torch.testing.assert_close(model.anchor_text_embeds[c], expected, rtol=1e-4, atol=1e-5)
+        # the checkpoint carries each anchor's text, slot by slot, through stage 2 as well
+        texts = [sentences[i][1] for _, i in ranked[:M]]
+        assert model.config.anchor_sentences[c] == texts
+        assert VLLTRForImageClassification.from_pretrained(out / "stage2").config.anchor_sentences[c] == texts
     torch.testing.assert_close(model.clip.logit_scale, stage1.clip.logit_scale)
     report = (out / "anchors" / "anchor_report.md").read_text()
     best = min((s, i) for i, ((label, _), s) in enumerate(zip(sentences, scores)) if label == 0)
     assert sentences[best[1]][1] in report
+
+
+def test_eval_explains_images_with_their_anchor_sentences(pipeline_run, lt_dataset):
+    from PIL import Image
+
+    out, _ = pipeline_run
+    items = json.loads((out / "eval" / "explanations.json").read_text())
+    report = (out / "eval" / "explanations.md").read_text()
+    assert len(items) == 4 and (out / "eval" / "explanations.png").stat().st_size > 0
+    model = VLLTRForImageClassification.from_pretrained(out / "stage2").eval()
+    processor = AutoImageProcessor.from_pretrained(out / "stage2")
+    lines = [line.split() for line in open(lt_dataset["test"]).read().splitlines() if line.strip()]
+    for item in items:
+        path, label = lines[item["index"]]
+        image = Image.open(f"{lt_dataset['root']}/{path}").convert("RGB")
+        expected = model.explain(processor(images=image, return_tensors="pt")["pixel_values"], top_k=5)[0]
+        assert item["true_label"] == int(label) and item["where"].endswith(f"test.txt:{item['index'] + 1}")
+        assert item["predicted"]["label"] == expected["label"]
+        assert (item["true"] is None) == (expected["label"] == int(label))
+        got = [(a["sentence"], a["weight"]) for a in item["predicted"]["anchors"]]
+        assert [s for s, _ in got] == [a["sentence"] for a in expected["anchors"]]
+        assert [w for _, w in got] == pytest.approx([a["weight"] for a in expected["anchors"]], abs=1e-5)
+        assert all(s in model.config.anchor_sentences[expected["label"]] for s, _ in got)
+        assert f"## Image {item['index']} " in report and " ".join(got[0][0].split()) in report
 
 
 def test_metrics_shot_groups_match_the_split_files(pipeline_run, lt_dataset):

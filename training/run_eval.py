@@ -39,6 +39,8 @@ from .cli import (
 )
 from .data import ProcessorTransform, class_counts, eval_image_processor
 from .embedding import predict_logits
+from .explain import explain_examples, explanation_figure, explanation_report, pick_examples
+from .io_utils import atomic_write_json, atomic_write_text
 from .metrics import ShotThresholds, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
 
 
@@ -69,6 +71,14 @@ class EvalArguments:
     dataset_tag: str | None = field(
         default=None, metadata={"help": "Dataset name for the model card metadata (e.g. imagenet-lt)."}
     )
+    explain: int = field(
+        default=0,
+        metadata={
+            "help": "Explain N test images (up to half of them wrong predictions): explanations.md / .json / .png "
+            "with the anchor sentences each image attended to (LGR head only)."
+        },
+    )
+    explain_top_k: int = field(default=5, metadata={"help": "Anchor sentences listed per explained image."})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -83,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_checked(
         "--model_name_or_path", VLLTRForImageClassification.from_pretrained, model_args.model_name_or_path, **hub
     )
+    if eval_args.explain and model.config.head_type != "lgr":
+        raise UsageError("--explain needs a checkpoint with the LGR head: the FC head has no anchor sentences.")
 
     # ---- Data: the test split, and the training split's class counts for the shot groups -----------------------------
     test_source, split_names = load_split(data_args, eval_args.test_file, eval_args.test_split, None)
@@ -140,6 +152,15 @@ def main(argv: list[str] | None = None) -> dict:
             thresholds,
             title=f"Per-class top-1 against training images ({Path(str(model_args.model_name_or_path)).name})",
         )
+
+    if eval_args.explain > 0:
+        chosen = pick_examples(out["logits"].argmax(-1).numpy(), test_labels, eval_args.explain)
+        items = explain_examples(model, dataset, chosen, eval_args.explain_top_k, args.per_device_eval_batch_size)
+        atomic_write_json(out_dir / "explanations.json", items)
+        atomic_write_text(
+            out_dir / "explanations.md", explanation_report(items, class_names, f"({report['test_file']})")
+        )
+        explanation_figure(items, dataset, out_dir / "explanations.png")
 
     # ---- Record in the checkpoint's card -------------------------------------------------------------------------------
     checkpoint = Path(str(model_args.model_name_or_path))

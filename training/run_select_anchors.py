@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
         VLLTRForImageClassification.from_pretrained, model_args.model_name_or_path, config=classifier_config, **hub
     )
     classifier.set_anchor_embeddings(anchors, mask)
+    classifier.set_anchor_sentences(
+        [[corpus.sentences[i] for i in indices[c][mask[c]].tolist()] for c in range(num_classes)]
+    )
     classifier.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     image_processor.save_pretrained(args.output_dir)
