@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoImageProcessor, AutoTokenizer, pipeline
 
 from modeling_vlltr import VLLTRForImageClassification, VLLTRModel
-from training import run_cvlp, run_eval, run_lgr, run_select_anchors
+from training import add_classes, run_cvlp, run_eval, run_lgr, run_select_anchors
 from training.data import IMAGENET_TEMPLATES
 
 FAST = ["--use_cpu", "--report_to", "none", "--disable_tqdm", "True", "--seed", "0"]
@@ -180,6 +180,70 @@ def test_a_used_output_folder_is_refused(pipeline_run, lt_dataset, tiny_clip_dir
         len(err.splitlines()) == 1 and "already holds a run from run_cvlp" in err and "--resume_from_checkpoint" in err
     )
     assert sorted(p.name for p in (out / "stage1").iterdir()) == before
+
+
+def _folder_digest(folder):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_add_classes_from_text(pipeline_run, lt_dataset, tmp_path, capsys):
+    from PIL import Image
+
+    from modeling_vlltr.modeling_vlltr import anchors_closest_to_mean
+    from training.cli import run_main
+
+    out, _ = pipeline_run
+    source = out / "stage2"
+    before = _folder_digest(source)
+    (tmp_path / "new.txt").write_text("purple_star\n")
+    sentences = ["A purple star on a dark background.", "Five purple points around a centre."]
+    (tmp_path / "new.json").write_text(json.dumps({"purple star": sentences}))
+    argv = ["--model_name_or_path", str(source), "--class_names", str(tmp_path / "new.txt"), "--text_corpus",
+            str(tmp_path / "new.json"), "--output_dir", str(tmp_path / "grown"), *FAST]  # fmt: skip
+    result = add_classes.main(argv)
+    assert result == {"new_labels": [4], "num_labels_before": 4, "num_labels": 5}
+
+    old = VLLTRForImageClassification.from_pretrained(source).eval()
+    grown = VLLTRForImageClassification.from_pretrained(tmp_path / "grown").eval()
+    assert grown.config.id2label[4] == "purple star" and grown.config.text_only_classes == [4]
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "grown")
+    lines = [line.split() for line in open(lt_dataset["test"]).read().splitlines() if line.strip()]
+    images = [Image.open(f"{lt_dataset['root']}/{path}").convert("RGB") for path, _ in lines]
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        a, b = old(pixels), grown(pixels)
+        # the four trained classes: unchanged branch logits and the same order of fused logits
+        torch.testing.assert_close(b.image_logits[:, :4], a.image_logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(b.text_logits[:, :4], a.text_logits, rtol=0, atol=1e-6)
+        assert torch.equal(b.logits[:, :4].argsort(-1), a.logits.argsort(-1))
+        # its anchors: templates + descriptions, embedded by the checkpoint's text tower, closest to their mean
+        pool = [t.format("purple star") for t in IMAGENET_TEMPLATES] + sentences
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / "grown")
+        enc = tokenizer(pool, padding="max_length", max_length=77, return_tensors="pt")
+        embeds = old.clip.get_text_features(**enc).pooler_output
+    chosen = anchors_closest_to_mean(embeds, M)
+    torch.testing.assert_close(grown.anchor_text_embeds[4], embeds[chosen], rtol=1e-5, atol=1e-6)
+    assert grown.config.anchor_sentences[4] == [pool[i] for i in chosen.tolist()]
+    card = ModelCard.load(tmp_path / "grown" / "README.md").text
+    assert "Classes added from their descriptions" in card and "purple star" in card
+    assert _folder_digest(source) == before
+
+    # a class that exists already: one line, exit status 2, nothing written
+    (tmp_path / "dup.txt").write_text("red square\n")
+    (tmp_path / "dup.json").write_text(json.dumps({"red square": ["A red square."]}))
+    argv = ["--model_name_or_path", str(source), "--class_names", str(tmp_path / "dup.txt"), "--text_corpus",
+            str(tmp_path / "dup.json"), "--output_dir", str(tmp_path / "dup"), *FAST]  # fmt: skip
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(add_classes.main, "add_classes", argv)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the loading bar
+    assert exit_info.value.code == 2 and len(errors) == 1 and errors[0].startswith("add_classes: error: "), errors
+    err = errors[0]
+    assert "Class 'red square' already exists in this checkpoint (label 0)" in err
+    assert not any((tmp_path / "dup").iterdir())
+    assert _folder_digest(source) == before
 
 
 def test_stage1_from_an_imagefolder_dataset_and_an_inaturalist_json(tiny_clip_dir, lt_dataset, tmp_path):
