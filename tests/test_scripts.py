@@ -246,6 +246,85 @@ def test_add_classes_from_text(pipeline_run, lt_dataset, tmp_path, capsys):
     assert _folder_digest(source) == before
 
 
+def test_added_class_gets_anss_anchors_and_its_own_row_from_a_few_images(pipeline_run, lt_dataset, tmp_path):
+    """add_classes, then with 5 images: run_select_anchors --classes re-scores only its anchors (AnSS, recomputed
+    here), and run_lgr --train_classes trains only its row of the image branch; every other weight is unchanged."""
+    from PIL import Image, ImageDraw
+
+    out, _ = pipeline_run
+    root = lt_dataset["root"]
+    rng = np.random.default_rng(7)
+    new_lines = {"train": [], "sel": []}
+    for split, count in (("train", 5), ("sel", 3)):
+        for i in range(count):
+            image = Image.fromarray(rng.integers(0, 60, size=(40, 40, 3), dtype="uint8"))
+            cx, cy = 20 + int(rng.integers(-4, 5)), 20
+            star = [(cx + r * math.cos(a), cy + r * math.sin(a))
+                    for k in range(10) for r, a in [((14, 6)[k % 2], math.pi * k / 5)]]  # fmt: skip
+            ImageDraw.Draw(image).polygon(star, fill=(170, 40, 200))
+            image.save(tmp_path / f"star_{split}_{i}.png")
+            new_lines[split].append(f"{tmp_path}/star_{split}_{i}.png 4")
+    base = {"train": lt_dataset["train"], "sel": lt_dataset["val"]}
+    lists = {}
+    for split in ("train", "sel"):
+        old = [f"{root}/{line}" for line in open(base[split]).read().split("\n") if line.strip()]
+        lists[split] = tmp_path / f"{split}.txt"
+        lists[split].write_text("\n".join(old + new_lines[split]) + "\n")
+    names = [*open(lt_dataset["classes"]).read().split("\n")[:4], "purple star"]
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    (tmp_path / "new.txt").write_text("purple star\n")
+    corpus = json.load(open(lt_dataset["corpus"]))
+    corpus["purple star"] = ["A purple star on a dark background.", "Five purple points.", "It is a star."]
+    (tmp_path / "corpus.json").write_text(json.dumps(corpus))
+    (tmp_path / "new.json").write_text(json.dumps({"purple star": corpus["purple star"]}))
+
+    common = ["--image_root", "/", *FAST]
+    add_classes.main(["--model_name_or_path", str(out / "stage2"), "--class_names", str(tmp_path / "new.txt"),
+                      "--text_corpus", str(tmp_path / "new.json"), "--output_dir", str(tmp_path / "grown"), *FAST])  # fmt: skip
+    run_select_anchors.main(
+        ["--model_name_or_path", str(tmp_path / "grown"), "--classes", "purple star", "--selection_file",
+         str(lists["sel"]), "--class_names", str(tmp_path / "classes.txt"), "--text_corpus",
+         str(tmp_path / "corpus.json"), "--output_dir", str(tmp_path / "reselected"), *common]
+    )  # fmt: skip
+    grown = VLLTRForImageClassification.from_pretrained(tmp_path / "grown")
+    reselected = VLLTRForImageClassification.from_pretrained(tmp_path / "reselected")
+    for name, tensor in grown.state_dict().items():  # only the new class's anchors moved
+        other = reselected.state_dict()[name]
+        assert torch.equal(tensor[:4], other[:4]) if name.startswith("anchor_") else torch.equal(tensor, other), name
+    assert reselected.config.text_only_classes == [4]  # its image row is still untrained
+
+    # AnSS recomputed: L_lin of each of its sentences against every selection image, its own images as positives
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "grown")
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "grown")
+    pool = [t.format("purple star") for t in IMAGENET_TEMPLATES] + corpus["purple star"]
+    lines = [line.rsplit(" ", 1) for line in lists["sel"].read_text().splitlines()]
+    with torch.no_grad():
+        enc = tokenizer(pool, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        text = grown.clip.get_text_features(**enc).pooler_output.double()
+        images = [Image.open(path).convert("RGB") for path, _ in lines]
+        image = grown.clip.get_image_features(processor(images=images, return_tensors="pt")["pixel_values"])
+    image_unit, scale = F.normalize(image.pooler_output.double(), dim=-1), grown.clip.logit_scale.exp().double()
+    positives = [k for k, (_, y) in enumerate(lines) if y == "4"]
+    scores = [-torch.log_softmax(scale * image_unit @ F.normalize(t, dim=0), 0)[positives].mean().item() for t in text]
+    best = sorted(range(len(pool)), key=lambda i: scores[i])[:M]
+    assert reselected.config.anchor_sentences[4] == [pool[i] for i in best]
+    torch.testing.assert_close(reselected.anchor_text_embeds[4], text[best].float(), rtol=1e-4, atol=1e-5)
+
+    run_lgr.main(
+        ["--model_name_or_path", str(tmp_path / "reselected"), "--train_classes", "purple star", "--train_file",
+         str(lists["train"]), "--class_names", str(tmp_path / "classes.txt"), "--output_dir", str(tmp_path / "row"),
+         "--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", *common]
+    )  # fmt: skip
+    trained = VLLTRForImageClassification.from_pretrained(tmp_path / "row")
+    after = trained.state_dict()
+    for name, tensor in reselected.state_dict().items():
+        if name.startswith("image_branch.fc2."):
+            assert torch.equal(after[name][:4], tensor[:4]) and not torch.equal(after[name][4], tensor[4]), name
+        else:
+            assert torch.equal(after[name], tensor), name
+    assert trained.config.text_only_classes is None  # its row is trained: fused like the others
+
+
 def test_stage1_from_an_imagefolder_dataset_and_an_inaturalist_json(tiny_clip_dir, lt_dataset, tmp_path):
     """The other two data sources a user can bring: a 🤗 `datasets` image folder (class names from its ClassLabel
     feature) and iNaturalist 2018 JSON files (class names from the categories)."""
