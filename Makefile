@@ -11,7 +11,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 endif
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 
-.PHONY: install demo test bench lint format clean
+.PHONY: install demo demo-new-class test bench lint format clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ install: $(VENV)/.installed
 
 demo: install
 	$(OFFLINE) $(PY) -m training.demo --output_dir demo_output $(ARGS)
+
+demo-new-class: install
+	$(OFFLINE) $(PY) -m training.demo_new_class --output_dir demo_new_class $(ARGS)
 
 test: install
 	$(OFFLINE) $(PY) -m pytest -q tests $(ARGS)
@@ -40,4 +43,4 @@ format: install
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf demo_output bench_output .pytest_cache
+	rm -rf demo_output demo_new_class bench_output .pytest_cache

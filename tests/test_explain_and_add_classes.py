@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -277,3 +278,14 @@ def _image():
     from PIL import Image
 
     return Image.new("RGB", (40, 40), (200, 30, 200))
+
+
+def test_pick_examples_takes_up_to_half_wrong_in_split_order():
+    from training.explain import pick_examples
+
+    labels = np.array([0, 1, 2, 3, 4, 5, 6, 7])
+    predictions = np.array([0, 9, 2, 9, 9, 5, 6, 9])  # wrong at 1, 3, 4, 7
+    assert pick_examples(predictions, labels, 4) == [0, 1, 2, 3]
+    assert pick_examples(predictions, labels, 5) == [0, 1, 2, 3, 4]
+    assert pick_examples(predictions, labels, 20) == list(range(8))
+    assert pick_examples(np.array([9, 9, 9, 3]), np.array([0, 1, 2, 3]), 3) == [0, 1, 3]  # one correct: more wrong
