@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
     if eval_dataset is not None:
         results.update(trainer.evaluate())
 
-    if trainer.train_class_ids:  # their image-branch rows are trained now: fuse them like every other class
-        kept = [c for c in model.config.text_only_classes or [] if c not in trainer.train_class_ids]
+    if model.config.head_type == "lgr" and model.config.text_only_classes:
+        # classes added from text whose image-branch rows were trained now are fused like every other class
+        trained = trainer.train_class_ids or {int(c) for c in set(train_labels.tolist())}
+        kept = [c for c in model.config.text_only_classes if c not in trained]
         model.config.text_only_classes = kept or None
 
     # ---- Save ---------------------------------------------------------------------------------------------------------
