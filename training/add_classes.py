@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         new_ids = model.add_classes(names, sentences, tokenizer, batch_size=add_args.text_batch_size)
     except ValueError as e:
-        raise UsageError(f"{add_args.class_names}: {e}") from None
+        raise UsageError(str(e)) from None  # names the class (and the sentence) at fault
 
     # ---- The grown checkpoint ------------------------------------------------------------------------------------------
     model.save_pretrained(args.output_dir)

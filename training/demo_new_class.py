@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"Held out: {name!r} ({counts[held_out]} training images in the demo)")
     clip = args.clip or pretrain_standin_clip(data, out / "standin_clip", args.seed)
 
-    fast = ["--seed", str(args.seed), "--report_to", "none", "--logging_steps", "20", "--save_strategy", "no",
-            "--dataloader_num_workers", "0", "--image_check", "header", "--disable_tqdm", "True"]  # fmt: skip
+    plain = ["--seed", str(args.seed), "--report_to", "none", "--disable_tqdm", "True"]
+    fast = [*plain, "--logging_steps", "20", "--save_strategy", "no", "--dataloader_num_workers", "0",
+            "--image_check", "header"]  # fmt: skip
     augment = ["--hflip", "0", "--crop_scale_min", "0.6", "--rand_augment", "False", "--random_erasing", "0"]
     nine = ["--image_root", splits["root"], "--class_names", splits["classes9"], *fast]
     ten = ["--image_root", splits["root"], "--class_names", splits["classes10"], *fast]
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- The tenth class: from its sentences, then with 5 images ---------------------------------------------------
     add_classes.main(
         ["--model_name_or_path", str(out / "nine"), "--class_names", splits["new_names"], "--text_corpus",
-         splits["new_corpus"], "--output_dir", str(out / "added"), *fast]
+         splits["new_corpus"], "--output_dir", str(out / "added"), *plain]
     )  # fmt: skip
     run_select_anchors.main(
         ["--model_name_or_path", str(out / "added"), "--classes", name, "--selection_file", splits["val10"],

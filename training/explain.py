@@ -93,7 +93,7 @@ def explanation_report(items: list[dict], class_names: Sequence[str], title: str
 
 def explanation_figure(items: list[dict], dataset, path: str | Path, max_chars: int = 70) -> None:
     """One row per image: the image, then its predicted class's top anchor sentences as horizontal bars of their
-    attention weight (green title if correct, red if wrong)."""
+    attention weight (green title if correct; red, with the true class, if wrong)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,19 +106,20 @@ def explanation_figure(items: list[dict], dataset, path: str | Path, max_chars: 
         ax_image.imshow(dataset.load_image(item["index"]))
         ax_image.set_axis_off()
         correct = item["true"] is None
-        ax_image.set_title(
-            f"{p['class_name']} ({p['probability']:.2f})", color="green" if correct else "red", fontsize=9
-        )
+        title = f"{p['class_name']} ({p['probability']:.2f})"
+        title += "" if correct else f"\ntrue: {item['true']['class_name']}"
+        ax_image.set_title(title, color="green" if correct else "red", fontsize=9)
         labels = [
             (a["sentence"] or f"anchor {a['slot']}")[:max_chars]
             + ("…" if len(a["sentence"] or "") > max_chars else "")
             for a in p["anchors"]
         ]
         weights = [a["weight"] for a in p["anchors"]]
-        ax_bars.barh(range(len(weights)), weights, color="tab:blue")
+        bars = ax_bars.barh(range(len(weights)), weights, color="tab:blue")
+        ax_bars.bar_label(bars, labels=[f"{w:.3f}" for w in weights], fontsize=7, padding=2)
         ax_bars.set_yticks(range(len(weights)), labels, fontsize=8)
         ax_bars.invert_yaxis()
-        ax_bars.set_xlim(0, 1)
+        ax_bars.set_xlim(0, 1.25 * max(weights))
         ax_bars.set_xlabel("attention weight", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

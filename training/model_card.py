@@ -193,7 +193,7 @@ def _added_classes_limitation(config) -> str | None:
     names = ", ".join(str(config.id2label[c]) for c in added[:10]) + (", ..." if len(added) > 10 else "")
     return (
         f"{len(added)} class(es) were added from their descriptions alone ({names}): no image of them was seen, so "
-        "they are recognised by the text branch only and are weaker than the trained classes."
+        "they are recognised by the text branch only; measure their accuracy before relying on them."
     )
 
 
