@@ -11,7 +11,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 endif
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 
-.PHONY: install demo compare test bench lint format clean
+.PHONY: install demo demo-new-class compare test bench lint format clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ demo: install
 compare: install
 	$(OFFLINE) $(PY) -m training.compare --output_dir compare_output $(ARGS)
 
+demo-new-class: install
+	$(OFFLINE) $(PY) -m training.demo_new_class --output_dir demo_new_class $(ARGS)
+
 test: install
 	$(OFFLINE) $(PY) -m pytest -q tests $(ARGS)
 
@@ -43,4 +46,4 @@ format: install
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf demo_output bench_output compare_output compare_smoke .pytest_cache
+	rm -rf demo_output demo_new_class bench_output compare_output compare_smoke .pytest_cache

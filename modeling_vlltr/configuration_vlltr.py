@@ -47,6 +47,15 @@ class VLLTRConfig(PreTrainedConfig):
             code's `v_detach` variant, used for iNaturalist). Forward values are unchanged; only gradients differ.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal used for the image-branch MLP and the FC head.
+        anchor_sentences (`list[list[str]]`, *optional*):
+            The text of each class's anchor sentences, one list per class, in the order of the anchor slots
+            (aligned with `anchor_mask`), so `VLLTRForImageClassification.explain` can show which sentences decided
+            a prediction from the checkpoint alone. An empty list means "text unknown" (a checkpoint written before
+            the sentences were stored); `None` (the default) means no text for any class.
+        text_only_classes (`list[int]`, *optional*):
+            Ids of classes added from their description alone (`VLLTRForImageClassification.add_classes`): the image
+            branch has never seen them, so their fused probability is the text branch's and the image branch only
+            splits the rest between the trained classes (see `fused_log_probabilities`). `None` or `[]`: none.
         kwargs (*optional*):
             Passed to [`PreTrainedConfig`], e.g. `id2label` and `label2id`.
 
@@ -74,6 +83,8 @@ class VLLTRConfig(PreTrainedConfig):
     head_type: str = "lgr"
     detach_anchor_norm: bool = False
     initializer_range: float = 0.02
+    anchor_sentences: list[list[str]] | None = None
+    text_only_classes: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         if self.clip_config is None:
@@ -102,6 +113,31 @@ class VLLTRConfig(PreTrainedConfig):
             raise ValueError(f"VLLTRConfig.detach_anchor_norm must be True or False, got {self.detach_anchor_norm!r}.")
         if self.num_labels < 1:
             raise ValueError(f"VLLTRConfig needs at least one class (id2label), got num_labels={self.num_labels}.")
+        if self.anchor_sentences is not None:
+            sentences = self.anchor_sentences
+            if not isinstance(sentences, (list, tuple)) or len(sentences) != self.num_labels:
+                got = len(sentences) if isinstance(sentences, (list, tuple)) else type(sentences).__name__
+                raise ValueError(
+                    f"VLLTRConfig.anchor_sentences must hold one list of sentences per class ({self.num_labels}), "
+                    f"got {got}."
+                )
+            for c, class_sentences in enumerate(sentences):
+                if not isinstance(class_sentences, (list, tuple)) or not all(
+                    isinstance(t, str) for t in class_sentences
+                ):
+                    raise ValueError(f"VLLTRConfig.anchor_sentences[{c}] must be a list of strings.")
+            self.anchor_sentences = [list(class_sentences) for class_sentences in sentences]
+        if self.text_only_classes is not None:
+            ids = self.text_only_classes
+            if (
+                not isinstance(ids, (list, tuple))
+                or not all(_is_int(c) and 0 <= c < self.num_labels for c in ids)
+                or len(set(ids)) != len(ids)
+            ):
+                raise ValueError(
+                    f"VLLTRConfig.text_only_classes must be distinct class ids in [0, {self.num_labels}), got {ids!r}."
+                )
+            self.text_only_classes = sorted(ids)
 
     @property
     def projection_dim(self) -> int:

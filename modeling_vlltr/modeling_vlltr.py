@@ -20,6 +20,7 @@ from torch import nn
 from transformers import CLIPModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, cached_file, logging
+from transformers.utils.logging import tqdm
 
 from .configuration_vlltr import VLLTRConfig
 
@@ -38,11 +39,33 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
     return F.cross_entropy(logits.float(), targets)
 
 
-def fused_log_probabilities(image_logits: torch.Tensor, text_logits: torch.Tensor, alpha: float) -> torch.Tensor:
+def fused_log_probabilities(
+    image_logits: torch.Tensor, text_logits: torch.Tensor, alpha: float, text_only: torch.Tensor | None = None
+) -> torch.Tensor:
     """log(α·softmax(P_I) + (1 − α)·softmax(P_T)), computed stably in log space (reference `evaluate_LT`).
 
     A softmax of the result gives back the fused probability, so `pipeline("image-classification")`, which always
-    applies a softmax, reports it, and argmax / top-k are those of the fused prediction."""
+    applies a softmax, reports it, and argmax / top-k are those of the fused prediction.
+
+    `text_only` (bool `(num_labels,)`, *optional*) marks classes added from their description alone
+    (`VLLTRForImageClassification.add_classes`), which the image branch has never seen. Not in the paper; the rule is:
+
+        P(c) = softmax(P_T)_c                                          c text-only
+        P(c) = (1 − Σ_new softmax(P_T)_new) · [α·softmax_K(P_I) + (1 − α)·softmax_K(P_T)]_c    c in K, the others
+
+    The text branch, which knows every class, decides how much mass goes to the new classes and takes it at full
+    weight (an α-weighted share would cap a new class at 1 − α); the trained classes share the rest exactly as the
+    model did before the classes were added, so their fused logits only move by one common shift and their order
+    and the image branch's part of the prediction are untouched.
+    """
+    if text_only is not None and bool(text_only.any()):
+        log_p_text = F.log_softmax(text_logits.float(), dim=-1)  # over every class (B, C)
+        known = ~text_only.to(device=text_logits.device)  # (C,)
+        if not bool(known.any()):
+            return log_p_text
+        known_mass = torch.logsumexp(log_p_text[:, known], dim=-1, keepdim=True)  # log(1 − Σ_new p_T) (B, 1)
+        fused_known = fused_log_probabilities(image_logits[:, known], text_logits[:, known], alpha)  # (B, |K|)
+        return log_p_text.masked_scatter(known[None, :].expand_as(log_p_text), fused_known + known_mass)
     log_p_image = F.log_softmax(image_logits.float(), dim=-1) + math.log(alpha) if alpha > 0 else None
     log_p_text = F.log_softmax(text_logits.float(), dim=-1) + math.log(1.0 - alpha) if alpha < 1 else None
     if log_p_image is None:
@@ -207,6 +230,32 @@ class VLLTRTextBranch(nn.Module):
         e_norm = image_embeds.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # ‖E_I‖ (B, 1)
         return logit_scale * g_dot_e / (g_norm * e_norm)  # P_T (B, C)
 
+    def attention_weights(
+        self, image_embeds: torch.Tensor, anchors: torch.Tensor, anchor_mask: torch.Tensor, class_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """A_{b, c_b, :}, the attention of image b over the anchors of class `class_ids[b]`: the softmax over that
+        class's real anchors of Q·K / √D, by the same rewrite as `forward` (K is not built), for one class per image.
+
+        Args:
+            image_embeds (`torch.Tensor` of shape `(B, D)`): E_I.
+            anchors (`torch.Tensor` of shape `(C, M, D)`): V = E_T.
+            anchor_mask (`torch.Tensor` of shape `(C, M)`): True for real anchors.
+            class_ids (`torch.Tensor` of shape `(B,)`): the class explained for each image.
+
+        Returns:
+            `torch.Tensor` of shape `(B, M)`: weights summing to 1 over each class's real anchors, 0 on padding.
+        """
+        class_anchors = anchors[class_ids]  # V_c (B, M, D)
+        variance, mean = torch.var_mean(class_anchors, dim=-1, unbiased=False)  # μ, σ² of LN_k (B, M)
+        inv_std = torch.rsqrt(variance + self.key_norm.eps)  # (B, M)
+        query = self.query_proj(self.query_norm(image_embeds)) @ self.key_proj.weight  # Q' = Q·W_k (B, D)
+        query_gamma = query * self.key_norm.weight  # Q'⊙γ (B, D)
+        q_dot_v = torch.einsum("bd,bmd->bm", query_gamma, class_anchors.to(query_gamma.dtype))  # Q'γ·V (B, M)
+        attn = (q_dot_v - query_gamma.sum(-1, keepdim=True) * mean) * inv_std  # (B, M)
+        attn = attn + (query @ self.key_norm.bias)[:, None]  # + Q'·β: Q·K (B, M)
+        attn = (attn * self.scale).masked_fill(~anchor_mask[class_ids], float("-inf"))  # (B, M)
+        return attn.softmax(dim=-1)  # A (B, M)
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Pre-trained model base
@@ -274,6 +323,23 @@ def _raise_if_anchor_shapes_differ(pretrained_model_name_or_path, kwargs: dict) 
                 f"num_anchor_sentences{', projection_dim' if name == 'anchor_text_embeds' else ''}) = "
                 f"{expected[name]}: the checkpoint's weights and config.json disagree."
             )
+
+
+def anchors_closest_to_mean(text_embeds: torch.Tensor, num_anchors: int) -> torch.LongTensor:
+    """Anchor choice for a class that has sentences but no images (AnSS needs images): the `num_anchors` sentences
+    whose unit embedding is closest in cosine to the normalised mean of the class's unit sentence embeddings, most
+    central first; ties keep the given order. Not in the paper; used by `VLLTRForImageClassification.add_classes`.
+
+    Args:
+        text_embeds (`torch.Tensor` of shape `(n, D)`): the class's sentence embeddings E_T.
+
+    Returns:
+        `torch.LongTensor` of shape `(min(n, num_anchors),)`: positions in `text_embeds`.
+    """
+    unit = F.normalize(text_embeds.float(), dim=-1)  # (n, D)
+    centre = F.normalize(unit.mean(0), dim=0)  # (D,)
+    similarity = unit @ centre  # (n,)
+    return torch.sort(-similarity, stable=True).indices[:num_anchors]
 
 
 def _recheck_anchors_after_load(module: nn.Module, incompatible_keys) -> None:
@@ -470,6 +536,28 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
         self.anchor_mask.copy_(mask)
         self._anchors_checked = True
 
+    def set_anchor_sentences(self, sentences: list[list[str]] | None) -> None:
+        """Stores the text of the anchor sentences in `config.anchor_sentences`, so `explain` names them from the
+        checkpoint alone. One list per class, in anchor-slot order: the sentence of `anchor_text_embeds[c, m]` is
+        `sentences[c][m]` for every real anchor (`anchor_mask[c, m]`); an empty list leaves a class's text unknown.
+        """
+        if sentences is not None:
+            if self.config.head_type != "lgr":
+                raise ValueError("set_anchor_sentences needs head_type='lgr'; this model has the FC head.")
+            counts = self.anchor_mask.sum(-1).tolist()  # real anchors per class (a prefix of each row)
+            if len(sentences) != len(counts):
+                raise ValueError(
+                    f"Expected one list of anchor sentences per class ({len(counts)}), got {len(sentences)}."
+                )
+            for c, (class_sentences, count) in enumerate(zip(sentences, counts)):
+                if len(class_sentences) not in (0, count):
+                    raise ValueError(
+                        f"Class {c} ({self.config.id2label.get(c, c)!r}) has {count} anchors in anchor_mask but "
+                        f"{len(class_sentences)} anchor sentences."
+                    )
+            sentences = [[str(t) for t in class_sentences] for class_sentences in sentences]
+        self.config.anchor_sentences = sentences
+
     def _check_anchor_values(self, embeds: torch.Tensor, mask: torch.Tensor, source: str = "") -> None:
         where = f" in {source}" if source else ""
         empty = (~mask.any(dim=-1)).nonzero().flatten().tolist()
@@ -507,6 +595,238 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
             # (A checkpoint without anchors, e.g. stage 1, is fine: forward asks for them.)
             model.check_anchors(source=str(pretrained_model_name_or_path))
         return result
+
+    # -- explanations and classes added from text ----------------------------------------------------------------------
+
+    def _text_only_mask(self) -> torch.Tensor | None:
+        """Bool `(num_labels,)`, True for classes added from text alone (`config.text_only_classes`); None if none."""
+        ids = self.config.text_only_classes
+        if not ids:
+            return None
+        mask = torch.zeros(self.config.num_labels, dtype=torch.bool)
+        mask[torch.tensor(ids, dtype=torch.long)] = True
+        return mask.to(self.anchor_mask.device)
+
+    def branch_probabilities(
+        self, image_logits: torch.Tensor, text_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two probabilities `logits` fuses: softmax(P_I) over the classes the image branch was trained on (0 for
+        `config.text_only_classes`) and softmax(P_T) over every class, both `(batch_size, num_labels)`."""
+        text_only = self._text_only_mask()
+        image_logits = image_logits.float()
+        if text_only is not None:
+            image_logits = image_logits.masked_fill(text_only, float("-inf"))
+        return image_logits.softmax(dim=-1), text_logits.float().softmax(dim=-1)
+
+    @torch.no_grad()
+    def explain(
+        self,
+        pixel_values: torch.FloatTensor,
+        top_k: int = 5,
+        class_ids: torch.Tensor | list[int] | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> list[dict]:
+        """Why this class? For each image, the predicted class (or `class_ids[b]`), its fused, image-branch and
+        text-branch probabilities, and that class's anchor sentences ranked by the LGR attention the image puts on
+        them (A = softmax(QKᵀ/√D) over the class's real anchors, the weights G is built from), like the paper's
+        "lion" / "mountain bike" examples. The sentences come from `config.anchor_sentences`, so a checkpoint
+        explains itself with nothing beside it; where a class's text is unknown, `sentence` is None.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): the images.
+            top_k (`int`, *optional*, defaults to 5): anchors listed per image (fewer if the class has fewer).
+            class_ids (`torch.Tensor` or `list[int]` of shape `(batch_size,)`, *optional*): explain these classes
+                (e.g. the true ones of wrong predictions) instead of the predicted ones.
+
+        Returns:
+            `list[dict]`, one per image: `label`, `class_name`, `predicted_label`, `probability` (fused),
+            `image_probability`, `text_probability`, and `anchors`, a list of `{"slot", "sentence", "weight"}` in
+            descending weight (`slot` indexes `anchor_text_embeds[label]`).
+        """
+        if self.config.head_type != "lgr":
+            raise ValueError("explain needs head_type='lgr': the FC head has no anchor sentences to rank.")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}.")
+        out = self(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        probabilities = out.logits.float().softmax(dim=-1)  # fused P (B, C)
+        image_probabilities, text_probabilities = self.branch_probabilities(out.image_logits, out.text_logits)
+        predicted = probabilities.argmax(dim=-1)  # (B,)
+        if class_ids is None:
+            class_ids = predicted
+        else:
+            class_ids = torch.as_tensor(class_ids, dtype=torch.long, device=predicted.device).reshape(-1)
+            num_labels = self.config.num_labels
+            if class_ids.shape != predicted.shape or bool(((class_ids < 0) | (class_ids >= num_labels)).any()):
+                raise ValueError(
+                    f"class_ids must hold one class id in [0, {num_labels}) per image ({predicted.shape[0]}), "
+                    f"got {class_ids.tolist()}."
+                )
+        weights = self.text_branch.attention_weights(
+            out.image_embeds, self.anchor_text_embeds, self.anchor_mask, class_ids
+        )  # A (B, M)
+        counts = self.anchor_mask.sum(-1).tolist()  # real anchors per class (a prefix of each row)
+        stored = self.config.anchor_sentences
+        explanations = []
+        for b, c in enumerate(class_ids.tolist()):
+            class_sentences = stored[c] if stored is not None and len(stored[c]) == counts[c] else None
+            top = weights[b, : counts[c]].float().topk(min(top_k, counts[c]))
+            explanations.append(
+                {
+                    "label": c,
+                    "class_name": self.config.id2label.get(c, str(c)),
+                    "predicted_label": int(predicted[b]),
+                    "probability": float(probabilities[b, c]),
+                    "image_probability": float(image_probabilities[b, c]),
+                    "text_probability": float(text_probabilities[b, c]),
+                    "anchors": [
+                        {"slot": m, "sentence": class_sentences[m] if class_sentences else None, "weight": w}
+                        for w, m in zip(top.values.tolist(), top.indices.tolist())
+                    ],
+                }
+            )
+        return explanations
+
+    @torch.no_grad()
+    def add_classes(self, names: list[str], sentences: list[list[str]], tokenizer, batch_size: int = 256) -> list[int]:
+        """Adds classes from their descriptions alone, without images and without training (not in the paper).
+
+        Each new class's sentences are embedded by the checkpoint's own (stage-1) text tower, exactly as anchor
+        selection embeds the corpus, and its anchors are the M = `config.num_anchor_sentences` sentences closest to
+        the class's mean text embedding (`anchors_closest_to_mean`; AnSS would need images). The model grows in
+        place: `anchor_text_embeds`, `anchor_mask`, `config.anchor_sentences`, `id2label` / `label2id`, and the
+        image branch's last layer (zero rows: the image branch has never seen the class). The new ids go to
+        `config.text_only_classes`, whose fused probability is the text branch's (see `fused_log_probabilities`).
+        Every existing class keeps its anchors and weights, so its image and text logits are unchanged, and the
+        fused logits of the existing classes keep their order. `save_pretrained` then writes the grown checkpoint.
+
+        Sentences are embedded as given. The prompt templates of the training corpus ("a photo of a {}.") are the
+        caller's to add: `python -m training.add_classes` builds the sentences with the corpus loader used by anchor
+        selection (templates plus descriptions). The modeling package, shipped as remote code, holds no training
+        code.
+
+        Args:
+            names (`list[str]`): the new class names, none of them already in `id2label`.
+            sentences (`list[list[str]]`): per new class, its sentences (at least one, each within the text
+                tower's context of `text_config.max_position_embeddings` tokens).
+            tokenizer: the checkpoint's tokenizer (`AutoTokenizer.from_pretrained(checkpoint)`).
+            batch_size (`int`, *optional*, defaults to 256): sentences embedded at once.
+
+        Returns:
+            `list[int]`: the new class ids, `num_labels_before ... num_labels_after - 1`.
+
+        Raises a one-line `ValueError` (and leaves the model as it was) for a name that already exists or repeats, a
+        class without sentences, a sentence longer than the text context, or a tokenizer whose vocabulary differs
+        from the text tower's.
+        """
+        if self.config.head_type != "lgr":
+            raise ValueError("add_classes needs head_type='lgr': the FC head has no text branch to classify with.")
+        names, sentences = list(names), [s for s in sentences]
+        if not names:
+            raise ValueError("add_classes needs at least one new class name.")
+        if len(sentences) != len(names):
+            raise ValueError(f"Give one list of sentences per new class: {len(names)} names, {len(sentences)} lists.")
+        existing = {name: label for label, name in self.config.id2label.items()}
+        for k, name in enumerate(names):
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"New class names must be non-empty strings, got {name!r}.")
+            if name in existing:
+                raise ValueError(f"Class {name!r} already exists in this checkpoint (label {existing[name]}).")
+            if name in names[:k]:
+                raise ValueError(f"Class {name!r} is given twice.")
+        for name, class_sentences in zip(names, sentences):
+            if isinstance(class_sentences, str) or not isinstance(class_sentences, (list, tuple)):
+                raise ValueError(
+                    f"The sentences of class {name!r} must be a list of strings, got {class_sentences!r}."
+                )
+            if not class_sentences:
+                raise ValueError(f"Class {name!r} has no sentences: give at least one description of it.")
+            for i, text in enumerate(class_sentences):
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError(f"Sentence {i + 1} of class {name!r} is empty or not a string: {text!r}.")
+
+        text_config = self.config.clip_config.text_config
+        if len(tokenizer) != text_config.vocab_size:
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens but this checkpoint's text tower has vocab_size "
+                f"{text_config.vocab_size}: use the tokenizer saved with the checkpoint."
+            )
+        max_length = text_config.max_position_embeddings
+        flat = [text for class_sentences in sentences for text in class_sentences]
+        lengths = [len(ids) for ids in tokenizer(flat, truncation=False, verbose=False)["input_ids"]]
+        position = 0
+        for name, class_sentences in zip(names, sentences):
+            for i, text in enumerate(class_sentences):
+                if lengths[position] > max_length:
+                    raise ValueError(
+                        f"Sentence {i + 1} of class {name!r} is {lengths[position]} tokens long; the text tower takes "
+                        f"at most {max_length}: shorten or split it ({text[:60]!r}...)."
+                    )
+                position += 1
+
+        # ---- embed with the checkpoint's text tower and pick each new class's anchors (nothing changed yet) ----
+        embeds = self._embed_sentences(flat, tokenizer, max_length, batch_size)  # E_T (N, D)
+        num_old, num_anchors, dim = self.anchor_text_embeds.shape
+        new_anchors = torch.zeros(len(names), num_anchors, dim)  # (K, M, D)
+        new_mask = torch.zeros(len(names), num_anchors, dtype=torch.bool)  # (K, M)
+        new_sentences, start = [], 0
+        for k, class_sentences in enumerate(sentences):
+            class_embeds = embeds[start : start + len(class_sentences)]  # (n_k, D)
+            start += len(class_sentences)
+            if not bool(torch.isfinite(class_embeds).all()):
+                raise ValueError(f"The text tower gave NaN or inf embeddings for class {names[k]!r}.")
+            chosen = anchors_closest_to_mean(class_embeds, num_anchors)  # (≤ M,)
+            new_anchors[k, : len(chosen)] = class_embeds[chosen]
+            new_mask[k, : len(chosen)] = True
+            new_sentences.append([class_sentences[i] for i in chosen.tolist()])
+        anchors = torch.cat([self.anchor_text_embeds, new_anchors.to(self.anchor_text_embeds)])  # (C + K, M, D)
+        mask = torch.cat([self.anchor_mask, new_mask.to(self.anchor_mask.device)])  # (C + K, M)
+        old_sentences = self.config.anchor_sentences or [[] for _ in range(num_old)]
+
+        # ---- grow the model ----
+        new_ids = list(range(num_old, num_old + len(names)))
+        old_fc2 = self.image_branch.fc2
+        fc2 = nn.Linear(old_fc2.in_features, num_old + len(names), device=old_fc2.weight.device)
+        fc2 = fc2.to(old_fc2.weight.dtype)
+        fc2.weight.zero_()
+        fc2.bias.zero_()
+        fc2.weight[:num_old] = old_fc2.weight
+        fc2.bias[:num_old] = old_fc2.bias
+        fc2.requires_grad_(old_fc2.weight.requires_grad)
+        self.image_branch.fc2 = fc2
+        id2label = {**self.config.id2label, **dict(zip(new_ids, names))}
+        self.config.id2label = id2label
+        self.config.label2id = {name: label for label, name in id2label.items()}
+        self.config.text_only_classes = sorted([*(self.config.text_only_classes or []), *new_ids])
+        self.register_buffer("anchor_text_embeds", torch.zeros_like(anchors))  # (C + K, M, D)
+        self.register_buffer("anchor_mask", torch.zeros_like(mask))  # (C + K, M)
+        self.set_anchor_embeddings(anchors, mask)
+        self.set_anchor_sentences(old_sentences + new_sentences)
+        logger.info(f"Added {len(names)} class(es) from text: {names[:5]}{' ...' if len(names) > 5 else ''}.")
+        return new_ids
+
+    def _embed_sentences(self, sentences: list[str], tokenizer, max_length: int, batch_size: int) -> torch.Tensor:
+        """E_T of each sentence by the checkpoint's text tower, `(N, D)` float32 on the CPU, padded to the text
+        context like the training corpus."""
+        was_training = self.training
+        self.eval()
+        device = self.anchor_text_embeds.device
+        chunks = []
+        for start in tqdm(
+            range(0, len(sentences), batch_size), desc="Embedding sentences", disable=len(sentences) <= batch_size
+        ):
+            enc = tokenizer(
+                sentences[start : start + batch_size],
+                padding="max_length",
+                max_length=max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            features = self.clip.get_text_features(
+                input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)
+            ).pooler_output  # (b, D)
+            chunks.append(features.float().cpu())
+        self.train(was_training)
+        return torch.cat(chunks)
 
     # -- forward -------------------------------------------------------------------------------------------------------
 
@@ -556,7 +876,7 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
         if labels is not None:
             # L_rec: the sum of two separate CEs, not a CE on the fused prediction (reference engine.py)
             loss = soft_target_cross_entropy(image_logits, labels) + soft_target_cross_entropy(text_logits, labels)
-        logits = fused_log_probabilities(image_logits, text_logits, self.config.fusion_alpha)
+        logits = fused_log_probabilities(image_logits, text_logits, self.config.fusion_alpha, self._text_only_mask())
         return VLLTRImageClassifierOutput(
             loss=loss, logits=logits, image_logits=image_logits, text_logits=text_logits, image_embeds=image_embeds
         )
@@ -568,6 +888,7 @@ __all__ = [
     "VLLTRModel",
     "VLLTRModelOutput",
     "VLLTRPreTrainedModel",
+    "anchors_closest_to_mean",
     "fused_log_probabilities",
     "soft_target_cross_entropy",
 ]

@@ -93,3 +93,24 @@ def test_command_line_error_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "training.demo: error: --push_to_hub needs --hub_model_id org/name (the repository to create or update)."
     ]
+
+
+def test_held_out_splits_remove_one_class_and_keep_five_images_of_it(digits, tmp_path):
+    from training.demo import CLASS_NAMES
+    from training.demo_new_class import held_out_splits
+
+    held_out = int(np.argmin(digits["train_counts"]))
+    splits = held_out_splits(digits, held_out, tmp_path)
+    names9 = open(splits["classes9"]).read().split()
+    assert names9 == [n for c, n in enumerate(CLASS_NAMES) if c != held_out]
+    assert open(splits["classes10"]).read().split() == [*names9, CLASS_NAMES[held_out]]
+    original = {split: dict(_rows(digits[split])) for split in ("train", "val", "test")}
+    for split in ("train", "val", "test"):
+        nine = _rows(splits[f"{split}9"])
+        assert len(nine) == sum(1 for y in original[split].values() if int(y) != held_out)
+        assert all(names9[int(y)] == CLASS_NAMES[int(original[split][path])] for path, y in nine)
+    test10 = _rows(splits["test10"])
+    assert len(test10) == len(original["test"]) and sum(y == "9" for _, y in test10) == 25
+    new_train = [path for path, y in _rows(splits["train10"]) if y == "9"]
+    assert len(new_train) == 5 and all(int(original["train"][p]) == held_out for p in new_train)
+    assert [p for p, y in _rows(splits["val10"]) if y == "9"] == new_train  # AnSS sees the same 5 images

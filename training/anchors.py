@@ -3,12 +3,13 @@
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
-from .corpus import TokenizedCorpus
+from .corpus import ClassCorpus, TokenizedCorpus
 from .embedding import iter_text_embeddings
 
 logger = logging.get_logger(__name__)
@@ -250,16 +251,18 @@ def anchors_record(
     scores: torch.Tensor | None,
     indices: torch.Tensor,
     mask: torch.Tensor,
+    labels: Sequence[int] | None = None,
 ) -> dict:
     """The content of `anchors.json`: per class its anchors in slot order, each with its position in the corpus, its
-    sentence and its score (None for "cutoff" / "random")."""
+    sentence and its score (None for "cutoff" / "random"). `labels` are the classes' ids in the classifier when the
+    selection covered only some of its classes (row c is class `labels[c]`)."""
     score_list = scores.tolist() if scores is not None else None
     return {
         "strategy": strategy,
         "num_anchor_sentences": int(indices.shape[1]),
         "classes": [
             {
-                "label": c,
+                "label": c if labels is None else int(labels[c]),
                 "name": class_names[c],
                 "anchors": [
                     {"index": i, "sentence": sentences[i], "score": None if score_list is None else score_list[i]}
@@ -344,6 +347,47 @@ def embed_and_select_anchors(
     return picked, picked >= 0, scores, anchors
 
 
+def restrict_to_classes(corpus, tokens, image_labels, class_ids: Sequence[int]):
+    """The corpus, its tokens and the selection image labels for re-selecting the anchors of `class_ids` only (e.g.
+    classes added from text, once a few images of them exist). Sentence labels become 0..K-1 in the order of
+    `class_ids`; selection images of the other classes get the label K: they stay in the softmax of every score (as
+    negatives), so a sentence is still scored against the whole selection set, as in `score_sentences`.
+
+    Returns `(sub_corpus, sub_tokens, image_labels)`."""
+
+    class_ids = [int(c) for c in class_ids]
+    remap = {c: k for k, c in enumerate(class_ids)}
+    labels = np.asarray(corpus.labels)
+    keep = np.concatenate([np.flatnonzero(labels == c) for c in class_ids])  # grouped by class, in class_ids order
+    sub_corpus = ClassCorpus(
+        [corpus.class_names[c] for c in class_ids],
+        [corpus.sentences[i] for i in keep.tolist()],
+        np.array([remap[int(labels[i])] for i in keep], dtype=np.int64),
+    )
+    index = torch.as_tensor(keep, dtype=torch.long)
+    sub_tokens = TokenizedCorpus(tokens.input_ids[index], tokens.attention_mask[index], 0)
+    image_labels = np.array([remap.get(int(y), len(class_ids)) for y in np.asarray(image_labels)], dtype=np.int64)
+    return sub_corpus, sub_tokens, image_labels
+
+
+@torch.no_grad()
+def replace_class_anchors(
+    classifier, class_ids: Sequence[int], anchors: torch.Tensor, mask: torch.Tensor, sentences: list[list[str]]
+) -> None:
+    """Writes new anchors `(K, M, D)` / `(K, M)` and their sentences into rows `class_ids` of a classifier; every
+    other class keeps its anchors (through `set_anchor_embeddings`, which checks them)."""
+    embeds, full_mask = classifier.anchor_text_embeds.clone(), classifier.anchor_mask.clone()  # (C, M, D), (C, M)
+    index = torch.as_tensor(list(class_ids), dtype=torch.long)
+    embeds[index] = anchors.to(embeds)
+    full_mask[index] = mask.to(full_mask.device)
+    stored = classifier.config.anchor_sentences or [[] for _ in range(embeds.shape[0])]
+    stored = [list(s) for s in stored]
+    for c, class_sentences in zip(class_ids, sentences):
+        stored[c] = list(class_sentences)
+    classifier.set_anchor_embeddings(embeds, full_mask)
+    classifier.set_anchor_sentences(stored)
+
+
 def model_scale(model) -> torch.Tensor:
     """The stage-1 learned temperature in log space (`CLIPModel.logit_scale`)."""
     return model.clip.logit_scale.detach().float().cpu()
@@ -355,6 +399,8 @@ __all__ = [
     "anchors_record",
     "embed_and_select_anchors",
     "model_scale",
+    "replace_class_anchors",
+    "restrict_to_classes",
     "score_sentences",
     "select_anchors",
 ]

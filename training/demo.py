@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     hub = ["--push_to_hub", "--hub_model_id", args.hub_model_id] if args.push_to_hub else []
     vlltr = run_eval.main(
         ["--model_name_or_path", str(final), "--output_dir", str(out / "eval"), "--dataset_tag", "digits-lt",
-         *evaluate, *hub]
+         "--explain", "8", *evaluate, *hub]
     )  # fmt: skip
 
     # CLIP fine-tuned with a plain linear classifier and cross-entropy: vision tower + linear head, no mixing, no
@@ -363,6 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
         predictions = classifier(str(Path(data["root"]) / rel), top_k=3)
         shown = ", ".join(f"{p['label']} {p['score']:.2f}" for p in predictions)
         print(f"{rel} (a {CLASS_NAMES[int(label)]}): {shown}")
+    print(f"Why these classes? {out / 'eval' / 'explanations.md'} and {out / 'eval' / 'explanations.png'}: the "
+          "anchor sentences a few correct and wrong predictions attended to.")  # fmt: skip
     print(f"\nWrote {out / 'results.json'}, {out / 'per_class_accuracy.png'}, {out / 'anchor_report.md'} and the "
           f"checkpoint {final} (model card: {final / 'README.md'}) in {timings['total']:.0f} s.")  # fmt: skip
     return results

@@ -22,6 +22,14 @@ class LGRConfig(StageConfig):
         default=False,
         metadata={"help": "Train the CLIP vision tower at `learning_rate` (reference: iNaturalist only)."},
     )
+    train_classes: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated class names: train only their rows of the image branch's last layer (e.g. "
+            "classes added from text, once a few images of them exist), every other weight frozen, and fuse them "
+            "like the trained classes from then on. Default: train the whole head."
+        },
+    )
     mixup_alpha: float = field(default=0.8, metadata={"help": "Mixup Beta(α, α); 0 = off (reference 0.8)."})
     cutmix_alpha: float = field(default=1.0, metadata={"help": "CutMix Beta(α, α); 0 = off (reference 1.0)."})
     mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch (reference 1.0)."})

@@ -1,6 +1,7 @@
 """Stage 2 (LGR, language-guided recognition): the Trainer that fits the image-branch MLP and the anchor attention
 with L_rec = CE(P_I, y) + CE(P_T, y) on mixed, smoothed targets, the vision tower frozen by default."""
 
+import torch
 from transformers.utils import logging
 
 from modeling_vlltr.modeling_vlltr import soft_target_cross_entropy
@@ -41,8 +42,38 @@ class LGRTrainer(StageTrainer):
         clip.logit_scale.requires_grad_(False)
         clip.vision_model.requires_grad_(self.args.train_vision_tower)
         clip.visual_projection.requires_grad_(self.args.train_vision_tower)
+        self.train_class_ids = self._train_only_rows(self.args.train_classes)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         logger.info(f"Stage 2 trains {trainable:,} parameters (vision tower trained: {self.args.train_vision_tower}).")
+
+    def _train_only_rows(self, train_classes: str | None) -> list[int] | None:
+        """`--train_classes`: everything frozen but the image branch's last layer, whose gradient is masked to the
+        rows of those classes. Those rows get no weight decay, so with AdamW (a zero gradient gives a zero step)
+        every other row stays exactly as it was."""
+        if not train_classes:
+            return None
+        if self.args.train_vision_tower:
+            raise ValueError("--train_classes trains only some rows of the head: drop --train_vision_tower.")
+        label2id = self.model.config.label2id
+        names = [name.strip() for name in train_classes.split(",") if name.strip()]
+        unknown = [name for name in names if name not in label2id]
+        if unknown or not names:
+            raise ValueError(f"--train_classes {train_classes!r}: no class named {unknown[:3]} in this checkpoint.")
+        ids = sorted({label2id[name] for name in names})
+        fc2 = self.model.image_branch.fc2
+        self.model.requires_grad_(False)
+        fc2.requires_grad_(True)
+        rows = torch.zeros(fc2.out_features, dtype=fc2.weight.dtype, device=fc2.weight.device)  # (C,)
+        rows[ids] = 1.0
+        fc2.weight.register_hook(lambda grad: grad * rows[:, None].to(grad))
+        fc2.bias.register_hook(lambda grad: grad * rows.to(grad))
+        return ids
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        names = super().get_decay_parameter_names(model)
+        if self.args.train_classes:  # decay would shrink the frozen rows too
+            names = [n for n in names if not n.startswith("image_branch.fc2.")]
+        return names
 
     def create_optimizer(self, model=None):
         model = model if model is not None else self.model

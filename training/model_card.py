@@ -43,6 +43,14 @@ STAGE_TEXT = {
         "The image-branch MLP and the anchor attention are trained with L_rec = CE(P_I, y) + CE(P_T, y) on "
         "Mixup / CutMix targets; at test time P = α·softmax(P_I) + (1 − α)·softmax(P_T).",
     ),
+    "add_classes": (
+        "Classes added from their descriptions",
+        "New classes were added without images: their sentences (prompt templates and descriptions) were embedded "
+        "by the stage-1 text tower and the M closest to each class's mean embedding became its anchors. The image "
+        "branch has never seen them, so their probability is the text branch's softmax(P_T) alone, and the trained "
+        "classes share the rest as before: P(c) = (1 − Σ_new softmax(P_T)_new)·[α·softmax(P_I) + (1 − α)·softmax(P_T)]"
+        " over the trained classes (`config.text_only_classes`).",
+    ),
 }
 
 
@@ -229,7 +237,7 @@ def build_model_card(
             "anchor sentence selection (`training.run_select_anchors`). It also works as a CLIP for zero-shot use."
         )
     stage_list = []
-    for key in ("convert", "cvlp", "anss", "lgr"):
+    for key in ("convert", "cvlp", "anss", "lgr", "add_classes"):
         if key in stages:
             heading, description = STAGE_TEXT[key]
             entry = stages[key]
@@ -253,7 +261,18 @@ def build_model_card(
         num_classes=num_classes,
         base_model_text=base_model or "unknown",
         reported=(converted or {}).get("reported"),
-        extra_limitations=None,
+        extra_limitations=_added_classes_limitation(config),
+    )
+
+
+def _added_classes_limitation(config) -> str | None:
+    added = getattr(config, "text_only_classes", None)
+    if not added:
+        return None
+    names = ", ".join(str(config.id2label[c]) for c in added[:10]) + (", ..." if len(added) > 10 else "")
+    return (
+        f"{len(added)} class(es) were added from their descriptions alone ({names}): no image of them was seen, so "
+        "they are recognised by the text branch only; measure their accuracy before relying on them."
     )
 
 

@@ -41,7 +41,8 @@ from .cli import (
 )
 from .data import ProcessorTransform, eval_image_processor
 from .embedding import embed_images, predict_logits
-from .io_utils import atomic_write_npz
+from .explain import explain_examples, explanation_figure, explanation_report, pick_examples
+from .io_utils import atomic_write_json, atomic_write_npz, atomic_write_text
 from .knn import knn_scores
 from .metrics import ShotThresholds, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
 from .model_card import history_entry
@@ -85,6 +86,14 @@ class EvalArguments:
             "--eval_file) instead votes over the 5 nearest corpus sentences (docs/method.md §1.7)."
         },
     )
+    explain: int = field(
+        default=0,
+        metadata={
+            "help": "Explain N test images (up to half of them wrong predictions): explanations.md / .json / .png "
+            "with the anchor sentences each image attended to (LGR head only)."
+        },
+    )
+    explain_top_k: int = field(default=5, metadata={"help": "Anchor sentences listed per explained image."})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -100,6 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError(f"--knn must be a number of neighbours >= 1, got {eval_args.knn}.")
     model_class = VLLTRModel if eval_args.knn is not None else VLLTRForImageClassification
     model = load_checked("--model_name_or_path", model_class.from_pretrained, model_args.model_name_or_path, **hub)
+    if eval_args.explain and (eval_args.knn is not None or model.config.head_type != "lgr"):
+        raise UsageError(
+            "--explain needs a checkpoint with the LGR head: the FC and KNN heads have no anchor sentences."
+        )
 
     # ---- Data: the test split, and the training split's class counts for the shot groups -----------------------------
     usage = "Give --test_file (the split to evaluate) and --train_file (for the shot groups)."
@@ -175,6 +188,15 @@ def main(argv: list[str] | None = None) -> dict:
             thresholds,
             title=f"Per-class top-1 against training images ({Path(str(model_args.model_name_or_path)).name})",
         )
+
+    if eval_args.explain > 0:
+        chosen = pick_examples(out["logits"].argmax(-1).numpy(), test.labels, eval_args.explain)
+        items = explain_examples(model, dataset, chosen, eval_args.explain_top_k, args.per_device_eval_batch_size)
+        atomic_write_json(out_dir / "explanations.json", items)
+        atomic_write_text(
+            out_dir / "explanations.md", explanation_report(items, test.class_names, f"({report['test_file']})")
+        )
+        explanation_figure(items, dataset, out_dir / "explanations.png")
 
     # ---- Record in the checkpoint's card -------------------------------------------------------------------------------
     checkpoint = Path(str(model_args.model_name_or_path))

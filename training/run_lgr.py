@@ -5,6 +5,12 @@ tower frozen (reference ImageNet-LT / Places-LT; --train_vision_tower for iNatur
 
     python -m training.run_lgr --model_name_or_path OUT2 --train_file train.txt --image_root ROOT --output_dir OUT3
 
+After `training.add_classes` and a few images of the new class (and `run_select_anchors --classes`), train only its
+row of the image branch, every other weight unchanged:
+
+    python -m training.run_lgr --model_name_or_path OUT6 --train_classes "purple star" --train_file train_plus_new.txt \
+        --image_root ROOT --num_train_epochs 5 --output_dir OUT7
+
 The reference ImageNet-LT ViT-B/16 recipe on one node of 8 GPUs:
 
     torchrun --nproc_per_node 8 -m training.run_lgr training/configs/imagenet_lt_vit_b16_stage2.json \
@@ -67,18 +73,27 @@ def main(argv: list[str] | None = None) -> dict:
     eval_dataset = evaluation.dataset(ProcessorTransform(image_processor)) if evaluation is not None else None
 
     # ---- Train: the trainer builds the Mixup / CutMix collator from the LGRConfig settings -----------------------------
-    trainer = LGRTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=image_processor,
-        compute_metrics=LongTailMetrics(train.class_counts),
-    )
+    try:
+        trainer = LGRTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=image_processor,
+            compute_metrics=LongTailMetrics(train.class_counts),
+        )
+    except ValueError as e:  # a setting that does not fit this checkpoint (e.g. an unknown --train_classes name)
+        raise UsageError(str(e)) from None
     train_result = trainer.train(resume_from_checkpoint=resume)
     results = {"train_loss": train_result.training_loss}
     if eval_dataset is not None:
         results.update(trainer.evaluate())
+
+    if model.config.head_type == "lgr" and model.config.text_only_classes:
+        # classes added from text whose image-branch rows were trained now are fused like every other class
+        trained = trainer.train_class_ids or {int(c) for c in set(train.labels.tolist())}
+        kept = [c for c in model.config.text_only_classes if c not in trained]
+        model.config.text_only_classes = kept or None
 
     # ---- Save ---------------------------------------------------------------------------------------------------------
     trainer.save_model(args.output_dir)
@@ -96,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
             "mixup_alpha": args.mixup_alpha,
             "cutmix_alpha": args.cutmix_alpha,
             "label_smoothing": args.label_smoothing,
+            "train_classes": args.train_classes,
             **schedule_settings(args),
         }
         entry = history_entry("run_lgr", "lgr", settings, results)

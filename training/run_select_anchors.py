@@ -20,6 +20,13 @@ Without --selection_file the first --max_images_per_class training images of eac
 
     python -m training.run_select_anchors --model_name_or_path OUT1 --train_file train2018.json --image_root ROOT \
         --text_corpus inat_wiki --max_images_per_class 50 --fusion_alpha 0.7 --output_dir OUT2
+
+With --classes, on a classifier checkpoint (e.g. one grown by `training.add_classes`), only the named classes'
+anchors are re-selected with AnSS (the selection split must hold images of them; other classes' images stay in the
+softmax); every other class, the head and the fusion settings are kept:
+
+    python -m training.run_select_anchors --model_name_or_path OUT5 --classes "purple star" --selection_file val.txt \
+        --image_root ROOT --class_names all_classes.txt --text_corpus corpus.json --output_dir OUT6
 """
 
 from dataclasses import dataclass, field
@@ -30,7 +37,14 @@ from transformers import AutoTokenizer, TrainingArguments
 from modeling_vlltr import VLLTRConfig, VLLTRForImageClassification, VLLTRModel
 from modeling_vlltr.configuration_vlltr import DEFAULT_FUSION_ALPHA
 
-from .anchors import STRATEGIES, anchor_report, anchors_record, embed_and_select_anchors
+from .anchors import (
+    STRATEGIES,
+    anchor_report,
+    anchors_record,
+    embed_and_select_anchors,
+    replace_class_anchors,
+    restrict_to_classes,
+)
 from .arguments import CorpusArguments, DataArguments, ModelArguments
 from .cli import (
     UsageError,
@@ -84,8 +98,26 @@ class AnchorArguments:
             "choices": ["lgr", "fc"],
         },
     )
+    classes: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated class names: re-select only their anchors in a classifier checkpoint (e.g. "
+            "classes added from text, once a few images of them exist); the other classes keep theirs."
+        },
+    )
     report_worst: int = field(default=5, metadata={"help": "Least visual sentences listed per class in the report."})
     text_batch_size: int = field(default=256, metadata={"help": "Sentences embedded per batch."})
+
+
+def _chosen_classes(classes: str | None, class_names: list[str]) -> list[int] | None:
+    if classes is None:
+        return None
+    ids = {name: c for c, name in enumerate(class_names)}
+    wanted = [name.strip() for name in classes.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in ids]
+    if unknown or not wanted:
+        raise UsageError(f"--classes {classes!r}: no class named {unknown[:3] or classes!r} in the class list.")
+    return sorted({ids[name] for name in wanted})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,9 +144,18 @@ def main(argv: list[str] | None = None) -> dict:
         selection = train.first_per_class(anchor_args.max_images_per_class)
     class_names = selection.class_names
     num_classes = len(class_names)
-    missing = sorted(set(range(num_classes)) - set(selection.labels.tolist()))
     if anchor_args.head_type == "fc":
         return _fc_classifier(model_args, selection, anchor_args, args)
+    chosen = _chosen_classes(anchor_args.classes, class_names)  # None: every class
+    classifier = None
+    if chosen is not None:  # re-select some classes of a classifier: keep its head and its M
+        classifier = load_checked(
+            "--model_name_or_path", VLLTRForImageClassification.from_pretrained, model_args.model_name_or_path, **hub
+        )
+        if classifier.config.head_type != "lgr" or not bool(classifier.anchor_mask.any()):
+            raise UsageError("--classes re-selects anchors in a classifier checkpoint with anchors (LGR head).")
+        anchor_args.num_anchor_sentences = classifier.config.num_anchor_sentences
+    missing = sorted(set(range(num_classes) if chosen is None else chosen) - set(selection.labels.tolist()))
     if missing and anchor_args.anchor_selection == "anss":
         names = ", ".join(repr(class_names[c]) for c in missing[:5])
         raise UsageError(f"The selection split has no image of {len(missing)} class(es) ({names}); AnSS needs them.")
@@ -122,6 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--model_name_or_path", AutoTokenizer.from_pretrained, model_args.model_name_or_path, **hub
     )
     corpus, tokens = load_corpus(corpus_args, class_names, tokenizer, config.clip_config.text_config)
+    score_labels = selection.labels
+    if chosen is not None:  # from here on the corpus holds the chosen classes only, labelled 0..K-1
+        corpus, tokens, score_labels = restrict_to_classes(corpus, tokens, selection.labels, chosen)
     image_processor = eval_image_processor(config.clip_config.vision_config.image_size)
     dataset = selection.dataset(ProcessorTransform(image_processor))
 
@@ -137,8 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
             tokens,
             torch.as_tensor(corpus.labels),
             image_embeds,
-            torch.as_tensor(selection.labels),
-            num_classes,
+            torch.as_tensor(score_labels),
+            len(corpus.class_names),
             anchor_args.num_anchor_sentences,
             anchor_args.anchor_selection,
             seed=args.seed,
@@ -157,18 +201,25 @@ def main(argv: list[str] | None = None) -> dict:
         head_type="lgr",
         **hub,
     )
-    classifier = load_new_head(
-        VLLTRForImageClassification.from_pretrained, model_args.model_name_or_path, config=classifier_config, **hub
-    )
-    classifier.set_anchor_embeddings(anchors, mask)
+    anchor_sentences = [[corpus.sentences[i] for i in indices[c][mask[c]].tolist()] for c in range(len(indices))]
+    if chosen is not None:
+        replace_class_anchors(classifier, chosen, anchors, mask, anchor_sentences)
+    else:
+        classifier = load_new_head(
+            VLLTRForImageClassification.from_pretrained, model_args.model_name_or_path, config=classifier_config, **hub
+        )
+        classifier.set_anchor_embeddings(anchors, mask)
+        classifier.set_anchor_sentences(anchor_sentences)
     classifier.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     image_processor.save_pretrained(args.output_dir)
 
-    record = anchors_record(anchor_args.anchor_selection, class_names, corpus.sentences, scores, indices, mask)
+    record = anchors_record(
+        anchor_args.anchor_selection, corpus.class_names, corpus.sentences, scores, indices, mask, labels=chosen
+    )
     atomic_write_json(f"{args.output_dir}/anchors.json", record)
     report = anchor_report(
-        class_names, corpus.sentences, corpus.labels, scores, indices, mask, num_worst=anchor_args.report_worst
+        corpus.class_names, corpus.sentences, corpus.labels, scores, indices, mask, num_worst=anchor_args.report_worst
     )
     atomic_write_text(f"{args.output_dir}/anchor_report.md", report)
 
@@ -184,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         "templates": corpus_args.use_templates,
         "fusion_alpha": anchor_args.fusion_alpha,
         "detach_anchor_norm": anchor_args.detach_anchor_norm,
+        "classes": anchor_args.classes,
         "logit_scale": float(stage1.clip.logit_scale.detach().exp()),
     }
     entry = history_entry("run_select_anchors", "anss", settings, results)
