@@ -119,7 +119,7 @@ def test_read_image_list_missing_file(tmp_path):
 def test_read_image_list_non_utf8_file(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\xe9.png 0\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1\.txt: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"latin1\.txt:1: not valid UTF-8"):
         read_image_list(path, tmp_path)
 
 
@@ -471,7 +471,7 @@ def test_read_class_names_missing_and_non_utf8(tmp_path):
     with pytest.raises(DataError, match=r"absent\.txt: class-name file not found"):
         read_class_names(tmp_path / "absent.txt")
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n")
-    with pytest.raises(DataError, match=r"bad\.txt: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"bad\.txt:1: not valid UTF-8"):
         read_class_names(tmp_path / "bad.txt")
 
 
@@ -688,7 +688,7 @@ def test_build_class_corpus_ambiguous_class_name_key(tmp_path):
 
 def test_build_class_corpus_file_errors(tmp_path):
     (tmp_path / "latin1.json").write_bytes('{"caf\xe9": ["x."]}'.encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1\.json: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"latin1\.json:1: not valid UTF-8"):
         build_class_corpus(["café"], tmp_path / "latin1.json")
     write(tmp_path / "broken.json", "{oops")
     with pytest.raises(DataError, match=r"broken\.json: not valid JSON"):
@@ -710,7 +710,7 @@ def test_build_class_corpus_desc_folder_errors(tmp_path):
 
     write(tmp_path / "d3" / "desc_0.txt", "Zero.")
     (tmp_path / "d3" / "desc_1.txt").write_bytes("Caf\xe9 au lait.".encode("latin-1"))
-    with pytest.raises(DataError, match=r"desc_1\.txt: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"desc_1\.txt:1: not valid UTF-8"):
         build_class_corpus(["a", "b"], tmp_path / "d3")
 
 

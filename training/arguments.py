@@ -17,6 +17,7 @@ from .data import (
     read_inat_json,
     train_transform,
 )
+from .io_utils import check_class_names
 
 
 @dataclass
@@ -142,6 +143,8 @@ def resolve_class_names(data_args: DataArguments, split_names: list[str] | None,
     """Class names from --class_names, else the split (ClassLabel / iNaturalist categories), else the checkpoint.
     When the checkpoint has class names and they differ from the data's, stop and name the difference."""
     names = read_class_names(data_args.class_names) if data_args.class_names else split_names
+    if split_names is not None and not data_args.class_names:  # iNaturalist categories, a ClassLabel feature
+        check_class_names(split_names, data_args.train_file or data_args.dataset_name, DataError, first_line=None)
     if names is None:
         names = checkpoint_names
     if names is None:

@@ -15,7 +15,7 @@ from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from .data import DataError
-from .io_utils import atomic_write_json
+from .io_utils import atomic_write_json, read_user_text
 from .stage_trainer import CheckpointWriteError, NonFiniteLossError
 
 logger = logging.get_logger(__name__)
@@ -34,14 +34,19 @@ class UsageError(ValueError):
 
 def _json_to_argv(path: str) -> list[str]:
     try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: cannot read the argument file ({e}).") from None
+        values = json.loads(read_user_text(path, "argument file", UsageError))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg}).") from None
+    if not isinstance(values, dict):
+        raise UsageError(
+            f"{path}: expected a JSON object of argument names and values, got a {type(values).__name__}."
+        )
     argv = []
     for key, value in values.items():
         if key.startswith("_"):  # "_comment", "_global_batch": notes for the reader
             continue
+        if key.startswith("-"):
+            raise UsageError(f"{path}: key {key!r}: write argument names without the leading dashes.")
         if isinstance(value, list):
             argv += [f"--{key}", *map(str, value)]
         elif isinstance(value, dict):
@@ -55,13 +60,22 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     """`HfArgumentParser` over `dataclass_types`. A leading `.json` argument is a file of arguments (keys starting
     with "_" are comments); any further command-line flags override it."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    source = ""
     if argv and argv[0].endswith(".json"):
+        source = f" (arguments from {argv[0]} and the command line)"
         argv = _json_to_argv(argv[0]) + argv[1:]
-    parser = HfArgumentParser(dataclass_types)
+    parser = _Parser(dataclass_types)
     try:
         return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(f"{e}{source}") from None
+
+
+class _Parser(HfArgumentParser):
+    """argparse prints the whole usage (hundreds of Trainer flags) before a wrong value; one line is enough."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
 
 
 def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str] | None = None) -> Any:

@@ -26,7 +26,7 @@ from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
-from .io_utils import atomic_write
+from .io_utils import atomic_write, check_class_names, match_corpus_keys, read_user_text
 
 logger = logging.get_logger(__name__)
 
@@ -58,15 +58,9 @@ def _check_label(label: int, num_classes: int | None, where: str) -> None:
 
 
 def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
-    """The UTF-8 text of a user file; a missing or non-UTF-8 file is a one-line `DataError` naming it."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: {what} not found.") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, not a {what}.") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start}).") from None
+    """The UTF-8 text of a user file (BOM and CRLF tolerated); a missing or non-UTF-8 file is a one-line `DataError`
+    naming it (and the line)."""
+    return read_user_text(path, what, DataError)
 
 
 def read_image_list(list_file: str | os.PathLike, image_root: str | os.PathLike, num_classes: int | None = None):
@@ -268,9 +262,7 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
         names.append(name)
     if not names:
         raise DataError(f"{path}: no class names.")
-    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
-    if duplicates:
-        logger.warning(f"{path}: {len(duplicates)} class name(s) appear more than once, e.g. {duplicates[:3]}.")
+    check_class_names(names, path, DataError)
     return names
 
 
@@ -373,6 +365,7 @@ def _corpus_from_json(path: Path, class_names: list[str]) -> dict[int, list[str]
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object mapping class name or index to a list of sentences.")
+    data = match_corpus_keys(data, class_names, path, DataError)
     ambiguous = {name for name, count in Counter(class_names).items() if count > 1}
     index_of = {}
     for i, name in enumerate(class_names):

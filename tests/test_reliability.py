@@ -1,0 +1,200 @@
+"""Reliability, second pass, through the real entry points: text files as editors and spreadsheets write them (BOM,
+CRLF, trailing spaces), class-list integrity, output and checkpoint faults, interrupted runs and two runs on one
+folder. Each fault stops with one line naming the file and line, the class or the path; odd but valid input works."""
+
+import json
+
+import pytest
+from conftest import CLASS_NAMES, write_lt_dataset
+from test_bad_input import assert_stopped_before_training, error_line, run, stage1_args
+
+from training.data import build_class_corpus, read_class_names, read_image_list
+from training.io_utils import check_class_names, read_user_text
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_lt_dataset(tmp_path / "data")
+
+
+def rewrite(path, transform) -> None:
+    """Rewrites a text file through `transform(str) -> str`, as raw bytes (no newline translation)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    with open(path, "wb") as f:
+        f.write(transform(text).encode("utf-8"))
+
+
+def as_spreadsheet_saves_it(text: str) -> str:
+    """A byte-order mark, CRLF line ends, trailing spaces and tabs, and blank lines at the end."""
+    return "\ufeff" + "".join(line + " \t\r\n" for line in text.splitlines()) + "\r\n \r\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Text files: BOM, CRLF, trailing spaces, blank lines; undecodable bytes named by file and line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_reader_bom_crlf_and_undecodable_line(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"\xef\xbb\xbfone\r\ntwo\rthree\n")
+    assert read_user_text(path) == "one\ntwo\nthree\n"
+    path.write_bytes(b"\xef\xbb\xbfok\r\nfine\r\ncaf\xe9\r\n")
+    with pytest.raises(ValueError, match=r"a\.txt:3: not valid UTF-8 text \(byte 0xe9 at column 4\)"):
+        read_user_text(path, "class-name file")
+    path.write_bytes("a\nb\n".encode("utf-16"))
+    with pytest.raises(ValueError, match=r"a\.txt: the file is UTF-16 text; save it as UTF-8"):
+        read_user_text(path)
+    with pytest.raises(ValueError, match=r"is a folder, not a split file"):
+        read_user_text(tmp_path, "split file")
+
+
+def test_every_user_text_file_as_a_spreadsheet_saves_it(data, tmp_path, tiny_clip_dir, capfd):
+    """Split list, class names and JSON corpus with a BOM, CRLF, trailing spaces and trailing blank lines; a JSON
+    argument file likewise: the run reads the same classes and images as from the clean files."""
+    assert read_class_names(data["classes"]) == CLASS_NAMES
+    clean = read_image_list(data["train"], data["root"])
+    for key in ("train", "val", "classes", "corpus"):
+        rewrite(data[key], as_spreadsheet_saves_it)
+    assert open(data["classes"], "rb").read().startswith(b"\xef\xbb\xbf")
+    assert read_class_names(data["classes"]) == CLASS_NAMES
+    assert [(s.path, s.label) for s in read_image_list(data["train"], data["root"])] == [
+        (s.path, s.label) for s in clean
+    ]
+    arguments = tmp_path / "args.json"
+    arguments.write_bytes(("\ufeff" + json.dumps({"max_steps": 1, "_comment": "x"}, indent=1)).replace(
+        "\n", "\r\n").encode("utf-8"))  # fmt: skip
+    argv = stage1_args(data, tmp_path / "out", tiny_clip_dir, "--eval_file", data["val"])
+    argv.remove("--max_steps"), argv.remove("1")
+    code, err = run("run_cvlp", [str(arguments), *argv], capfd)
+    assert code == 0, err[-2000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_official_description_pages_with_bom_and_crlf(tmp_path):
+    folder = tmp_path / "wiki"
+    folder.mkdir()
+    for i, name in enumerate(["cat", "dog"]):
+        text = f"\ufeff{name.title()} is an animal.\r\nIt has four legs.\r\n== References ==\r\nA book.\r\n"
+        (folder / f"desc_{i}.txt").write_bytes(text.encode("utf-8"))
+    corpus = build_class_corpus(["cat", "dog"], tmp_path, use_templates=False)
+    assert corpus.class_sentences(0) == ["Cat is an animal.", "It has four legs."]
+    assert corpus.class_sentences(1) == ["Dog is an animal.", "It has four legs."]
+
+
+@pytest.mark.parametrize("key", ["classes", "train", "corpus"])
+def test_non_utf8_file_is_named_with_its_line(key, data, tmp_path, tiny_clip_dir, capfd):
+    json.dump(json.load(open(data["corpus"])), open(data["corpus"], "w"), indent=1)
+    with open(data[key], "rb") as f:
+        lines = f.read().split(b"\n")
+    lines[1] = lines[1].replace(b"e", b"\xe9", 1)
+    with open(data[key], "wb") as f:
+        f.write(b"\n".join(lines))
+    code, err = run("run_cvlp", stage1_args(data, tmp_path / "out", tiny_clip_dir), capfd)
+    line = error_line(err, "run_cvlp")
+    assert code == 2 and f"{data[key]}:2: not valid UTF-8" in line, line
+    assert_stopped_before_training(tmp_path / "out")
+
+
+def test_split_file_with_tabs_and_a_path_with_spaces(data, tmp_path, tiny_clip_dir, capfd):
+    import os
+    import shutil
+
+    rows = open(data["train"]).read().splitlines()
+    old = rows[0].split()[0]
+    new = "my images/first image.png"
+    os.makedirs(os.path.join(data["root"], "my images"))
+    shutil.move(os.path.join(data["root"], old), os.path.join(data["root"], new))
+    rows[0] = f"{new}\t0"
+    rows[1] = rows[1].replace(" ", "\t")
+    open(data["train"], "w").write("\n".join(rows) + "\n")
+    samples = read_image_list(data["train"], data["root"])
+    assert samples[0].path == os.path.join(data["root"], new) and samples[1].label == int(rows[1].split()[-1])
+    code, err = run("run_cvlp", stage1_args(data, tmp_path / "out with spaces", tiny_clip_dir), capfd)
+    assert code == 0, err[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The class list
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_check_class_names():
+    check_class_names(["a b", "a  c", "A_D"], "classes.txt")
+    with pytest.raises(ValueError, match=r"classes\.txt:4: class name 'Red_Square ' repeats the name of label 0"):
+        check_class_names(["red square", "b", "c", "Red_Square "], "classes.txt")
+    with pytest.raises(ValueError, match=r"cats\.json: label 1: empty class name"):
+        check_class_names(["a", " "], "cats.json", first_line=None)
+    with pytest.raises(ValueError, match=r"x: no class names"):
+        check_class_names([], "x")
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (["red square", "green bar", "blue ring", "Red_Square"], ":4: class name 'Red Square' repeats the name of label 0"),
+        (["red square", "green bar", "blue ring", "green bar"], ":4: class name 'green bar' repeats the name of label 1"),
+        (["red square", "", "blue ring", "yellow dot"], ":2: empty class name"),
+        ([], ": no class names"),
+    ],
+)  # fmt: skip
+def test_class_list_faults_stop_before_any_work(lines, message, data, tmp_path, tiny_clip_dir, capfd):
+    open(data["classes"], "w").write("".join(line + "\n" for line in lines))
+    code, err = run("run_cvlp", stage1_args(data, tmp_path / "out", tiny_clip_dir), capfd)
+    line = error_line(err, "run_cvlp")
+    assert code == 2 and f"{data['classes']}{message}" in line, line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_corpus_keys_colliding_after_normalisation(data, tmp_path, tiny_clip_dir, capfd):
+    corpus = json.load(open(data["corpus"]))
+    corpus["Green_Bar "] = ["Another green bar."]
+    json.dump(corpus, open(data["corpus"], "w"))
+    code, err = run("run_cvlp", stage1_args(data, tmp_path / "out", tiny_clip_dir), capfd)
+    line = error_line(err, "run_cvlp")
+    assert code == 2 and data["corpus"] in line and "'green bar' and 'Green_Bar ' both name class 'green bar'" in line
+    # a key that differs from its class only in case or spacing names that class
+    del corpus["green bar"]
+    json.dump(corpus, open(data["corpus"], "w"))
+    built = build_class_corpus(CLASS_NAMES, data["corpus"], use_templates=False)
+    assert built.class_sentences(1) == ["Another green bar."]
+
+
+def test_inaturalist_categories_with_a_repeated_name(data, tmp_path, tiny_clip_dir, capfd):
+    rows = [line.split() for line in open(data["train"]).read().splitlines()]
+    split = {
+        "images": [{"id": i, "file_name": path} for i, (path, _) in enumerate(rows)],
+        "annotations": [{"image_id": i, "category_id": int(label)} for i, (_, label) in enumerate(rows)],
+        "categories": [{"id": i, "name": name} for i, name in enumerate(["a", "b", "c", "B"])],
+    }
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(split))
+    argv = stage1_args(data, tmp_path / "out", tiny_clip_dir, "--text_corpus", "templates")
+    argv[argv.index("--train_file") + 1] = str(path)
+    i = argv.index("--class_names")
+    del argv[i : i + 2]
+    code, err = run("run_cvlp", argv, capfd)
+    line = error_line(err, "run_cvlp")
+    assert code == 2 and f"{path}: label 3: class name 'B' repeats the name of label 1" in line, line
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# JSON argument files
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"learning_rate": "fast"}', "--learning-rate: invalid float value: 'fast' (see --help) (arguments from"),
+        ('["--max_steps", 1]', "expected a JSON object of argument names and values, got a list"),
+        ('{"max_steps": 1,\n "seed": }', ":2: not valid JSON"),
+        ('{"no_such_flag": 1}', "no_such_flag"),
+    ],
+)
+def test_json_argument_file_faults(content, message, data, tmp_path, tiny_clip_dir, capfd):
+    arguments = tmp_path / "args.json"
+    arguments.write_text(content)
+    code, err = run("run_cvlp", [str(arguments), *stage1_args(data, tmp_path / "out", tiny_clip_dir)], capfd)
+    line = error_line(err, "run_cvlp")
+    assert code == 2 and message in line and "usage:" not in err, err[-3000:]
