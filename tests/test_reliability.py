@@ -6,7 +6,7 @@ import json
 
 import pytest
 from conftest import CLASS_NAMES, write_lt_dataset
-from test_bad_input import assert_stopped_before_training, error_line, run, stage1_args
+from test_bad_input import FAST, assert_stopped_before_training, error_line, run, stage1_args
 
 from training.data import build_class_corpus, read_class_names, read_image_list
 from training.io_utils import check_class_names, read_user_text
@@ -198,3 +198,146 @@ def test_json_argument_file_faults(content, message, data, tmp_path, tiny_clip_d
     code, err = run("run_cvlp", [str(arguments), *stage1_args(data, tmp_path / "out", tiny_clip_dir)], capfd)
     line = error_line(err, "run_cvlp")
     assert code == 2 and message in line and "usage:" not in err, err[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Where outputs go
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_output_dir_that_is_a_file_or_lies_under_one(data, tmp_path, tiny_clip_dir, capfd):
+    existing = tmp_path / "results.txt"
+    existing.write_text("keep me")
+    code, err = run("run_cvlp", stage1_args(data, existing, tiny_clip_dir), capfd)
+    assert code == 2 and f"--output_dir {existing} is a file, not a folder" in error_line(err, "run_cvlp")
+    code, err = run("run_cvlp", stage1_args(data, existing / "out", tiny_clip_dir), capfd)
+    assert code == 2 and f"{existing} is a file, not a folder" in error_line(err, "run_cvlp")
+    assert existing.read_text() == "keep me"
+
+
+def test_output_dir_that_cannot_be_written(data, tmp_path, tiny_clip_dir, capfd, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)  # what a read-only mount answers (we may be root)
+    code, err = run("run_cvlp", stage1_args(data, tmp_path / "out", tiny_clip_dir), capfd)
+    line = error_line(err, "run_cvlp")
+    assert code == 2 and f"--output_dir {tmp_path / 'out'}: cannot write there (Read-only file system)" in line
+
+
+def test_full_disk_at_the_final_save_and_in_the_history(data, tmp_path, tiny_clip_dir, capfd, monkeypatch):
+    import errno
+
+    import transformers.modeling_utils as modeling_utils
+
+    from training import cli
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "out"
+    argv = stage1_args(data, out, tiny_clip_dir, "--save_strategy", "steps", "--save_steps", "1")
+    real = modeling_utils.safe_save_file
+
+    def save_checkpoints_only(tensors, filename, *args, **kwargs):
+        return real(tensors, filename, *args, **kwargs) if "checkpoint-" in str(filename) else full()
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", save_checkpoints_only)
+    code, err = run("run_cvlp", argv, capfd)
+    line = error_line(err, "run_cvlp")
+    assert code == 2 and f"Saving the model in {out} failed (No space left on device)" in line, line
+    assert (out / "checkpoint-1" / "model.safetensors").is_file()
+    monkeypatch.undo()
+
+    def history_on_a_full_disk(folder, history):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "training_history.json"))
+
+    monkeypatch.setattr(cli, "write_history", history_on_a_full_disk)
+    code, err = run("run_cvlp", argv + ["--overwrite_output_dir", "True"], capfd)
+    line = error_line(err, "run_cvlp")
+    assert code == 2 and f"{out / 'training_history.json'}: No space left on device" in line, line
+    assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Damaged checkpoint folders
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _damage(folder, fault: str) -> str:
+    """Damages a copy of a checkpoint folder the way an interrupted copy or download does; returns the file."""
+    name = {"cut_weights": "model.safetensors", "no_weights": "model.safetensors", "cut_config": "config.json",
+            "no_config": "config.json", "cut_tokenizer": "tokenizer.json"}[fault]  # fmt: skip
+    path = folder / name
+    if fault.startswith("no_"):
+        path.unlink()
+    else:
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) * 2 // 3])
+    return str(path)
+
+
+@pytest.mark.parametrize("fault", ["cut_weights", "no_weights", "cut_config", "no_config", "cut_tokenizer"])
+def test_damaged_checkpoint_folder_is_named_before_any_work(fault, data, tmp_path, tiny_clip_dir, capfd):
+    import shutil
+
+    folder = tmp_path / "clip copy"
+    shutil.copytree(tiny_clip_dir, folder)
+    damaged = _damage(folder, fault)
+    code, err = run("run_cvlp", stage1_args(data, tmp_path / "out", str(folder)), capfd)
+    line = error_line(err, "run_cvlp")
+    named = str(folder) if fault.startswith("no_") else damaged
+    assert code == 2 and named in line and ("copy it again" in line or "copy or download it again" in line), line
+    assert "Traceback" not in err
+    assert_stopped_before_training(tmp_path / "out")
+
+
+def test_from_pretrained_names_a_cut_short_weights_file(tmp_path, tiny_clip_dir):
+    from conftest import make_classifier
+    from safetensors.torch import save_file
+
+    from modeling_vlltr import VLLTRForImageClassification, VLLTRModel
+    from training.io_utils import safetensors_fault
+
+    make_classifier(num_labels=4, num_anchors=3).save_pretrained(tmp_path / "classifier")
+    for cls, folder in [(VLLTRModel, tmp_path / "clip"), (VLLTRForImageClassification, tmp_path / "classifier")]:
+        if cls is VLLTRModel:
+            import shutil
+
+            shutil.copytree(tiny_clip_dir, folder)
+        weights = folder / "model.safetensors"
+        assert safetensors_fault(weights) is None
+        raw = weights.read_bytes()
+        weights.write_bytes(raw[:-100])
+        assert safetensors_fault(weights) == f"is cut short ({len(raw) - 100:,} of {len(raw):,} bytes)"
+        with pytest.raises(OSError, match=rf"{weights}: cannot read the weights .* copy or download it again"):
+            cls.from_pretrained(folder)
+    save_file({"x": __import__("torch").zeros(2)}, tmp_path / "ok.safetensors")
+    (tmp_path / "short.safetensors").write_bytes((tmp_path / "ok.safetensors").read_bytes()[:5])
+    assert safetensors_fault(tmp_path / "short.safetensors") == "is cut short (5 bytes, not even a header)"
+
+
+def test_damaged_stage2_checkpoint_in_run_eval_and_run_lgr(data, tmp_path, capfd):
+    from conftest import make_classifier
+
+    from training.data import eval_image_processor
+
+    folder = tmp_path / "anchors"
+    model = make_classifier(num_labels=4, num_anchors=3)
+    model.config.id2label = dict(enumerate(CLASS_NAMES))
+    model.save_pretrained(folder)
+    eval_image_processor(32).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text('{"crop_size": ')
+    argv = ["--model_name_or_path", str(folder), "--test_file", data["test"], "--image_root", data["root"],
+            "--output_dir", str(tmp_path / "eval"), *FAST]  # fmt: skip
+    code, err = run("run_eval", argv, capfd)
+    assert code == 2 and f"{folder / 'preprocessor_config.json'}:1: not valid JSON" in error_line(err, "run_eval")
+    eval_image_processor(32).save_pretrained(folder)
+    damaged = _damage(folder, "cut_weights")
+    argv = ["--model_name_or_path", str(folder), "--train_file", data["train"], "--image_root", data["root"],
+            "--output_dir", str(tmp_path / "lgr"), *FAST]  # fmt: skip
+    code, err = run("run_lgr", argv, capfd)
+    assert code == 2 and f"{damaged} is cut short" in error_line(err, "run_lgr")

@@ -2,9 +2,11 @@
 overrides), one-line errors, the output-folder guard, the training history that model cards are built from, and
 publishing a folder to the Hub."""
 
+import errno
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +17,7 @@ from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from .data import DataError
-from .io_utils import atomic_write_json, read_user_text
+from .io_utils import atomic_write_json, check_checkpoint_folder, read_user_text
 from .stage_trainer import CheckpointWriteError, NonFiniteLossError
 
 logger = logging.get_logger(__name__)
@@ -91,6 +93,20 @@ def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str]
         message = " ".join((e.strerror if isinstance(e, CheckpointWriteError) else str(e)).split())
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as e:  # a full disk, a read-only or vanished output folder while writing the results
+        if e.errno not in _WRITE_ERRNOS or os.environ.get("VLLTR_DEBUG"):
+            raise
+        where = e.filename or "the output folder"
+        print(
+            f"{prog}: error: {where}: {e.strerror}; the files and checkpoints written before are intact: free space "
+            f"or fix the permissions (or choose another --output_dir), then run again (--resume_from_checkpoint "
+            f"last continues from the newest checkpoint).",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def _leave_process_group() -> None:
@@ -130,12 +146,21 @@ def load_new_head(loader: Callable, path: str, **kwargs):
 
 
 def load_checked(what: str, loader: Callable, path: str, **kwargs):
-    """Calls `loader(path, **kwargs)`, turning a missing or wrong checkpoint into a `UsageError` naming `what`."""
+    """Calls `loader(path, **kwargs)`, turning a missing, damaged or wrong checkpoint into a `UsageError` naming
+    `what` (a local folder's files are checked first, so a cut-short file is named before anything is loaded)."""
+    check_checkpoint_folder(path, what, UsageError, weights=False)
     try:
-        return loader(path, **kwargs)
-    except (OSError, ValueError) as e:
+        result = loader(path, **kwargs)
+    except Exception as e:
+        if not isinstance(e, (OSError, ValueError)) and not type(e).__module__.startswith("safetensors"):
+            raise
+        if not isinstance(e, ValueError):  # a file is missing or unreadable: name it if it is the weights
+            check_checkpoint_folder(path, what, UsageError)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{what} {path}: {first}") from None
+    # The scripts load the config first: a missing or cut-short weights file is named now, before any work.
+    check_checkpoint_folder(path, what, UsageError)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -168,6 +193,7 @@ def prepare_output_dir(training_args, script: str) -> str | None:
                 f"--resume_from_checkpoint {resume}: the checkpoint is incomplete (the run was stopped while saving "
                 f"it); use an earlier one or --resume_from_checkpoint last."
             )
+    check_output_dir(out)
     if (
         out.is_dir()
         and any(out.iterdir())
@@ -186,6 +212,26 @@ def prepare_output_dir(training_args, script: str) -> str | None:
         )
     out.mkdir(parents=True, exist_ok=True)
     return resume
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuses, before any work, an --output_dir that is a file, lies under a file, or cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} is a file, not a folder: choose another path (or move the file away).")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--output_dir {out}: {parent} is a file, not a folder: choose another path.")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UsageError(
+            f"--output_dir {out}: cannot write there ({e.strerror or e}): choose a writable folder, or fix its "
+            f"permissions."
+        ) from None
 
 
 def checkpoint_is_complete(folder: str | os.PathLike) -> bool:

@@ -124,3 +124,91 @@ def match_corpus_keys(
             )
         renamed[name], origin[name] = value, key
     return renamed
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint folders
+# ----------------------------------------------------------------------------------------------------------------------
+
+# The JSON files of a saved model, tokenizer or image processor; a damaged one is named before anything is loaded.
+_CHECKPOINT_JSON = (
+    "config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+_DAMAGED = "the copy or download was interrupted or the file was damaged: copy or download it again"
+
+
+def safetensors_fault(path: str | os.PathLike) -> str | None:
+    """What is wrong with a `.safetensors` file (cut short, damaged header), or None. Reads only its header: the
+    8-byte header length, the JSON header, and the file size its tensors' `data_offsets` imply."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"is cut short ({size} bytes, not even a header)"
+        header_length = int.from_bytes(head, "little")
+        if header_length > size - 8:
+            return f"is cut short ({size:,} bytes; its header alone needs {header_length + 8:,})"
+        try:
+            header = json.loads(f.read(header_length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "has a damaged header"
+    if size < 8 + header_length + end:
+        return f"is cut short ({size:,} of {8 + header_length + end:,} bytes)"
+    return None
+
+
+def check_checkpoint_folder(
+    path: str | os.PathLike, what: str = "checkpoint", error: type[Exception] = ValueError, weights: bool = True
+) -> None:
+    """Refuses a local checkpoint folder whose config, weights (with `weights`) or tokenizer / image-processor files
+    are missing, cut short or not valid JSON, in one line naming the file and the fix. A Hub name (not a local
+    folder) is left to `from_pretrained`."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    if not (folder / "config.json").is_file():
+        raise error(
+            f"{what} {folder}: no config.json; not a folder written by save_pretrained (or the copy is incomplete): "
+            f"point at the checkpoint folder itself, or copy it again."
+        )
+    for name in _CHECKPOINT_JSON:
+        file = folder / name
+        if not file.exists():
+            continue
+        try:
+            json.loads(file.read_bytes().decode("utf-8-sig"))
+        except UnicodeDecodeError:
+            raise error(f"{file}: not valid UTF-8; {_DAMAGED}.") from None
+        except json.JSONDecodeError as e:
+            raise error(f"{file}:{e.lineno}: not valid JSON ({e.msg}); {_DAMAGED}.") from None
+        except OSError as e:
+            raise error(f"{file}: cannot read it ({e.strerror or e}).") from None
+    if not weights:
+        return
+    files = [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = json.loads(index.read_text(encoding="utf-8-sig")).get("weight_map", {}).values()
+        files = [folder / shard for shard in sorted(set(shards))]
+    elif not files[0].is_file():
+        if (folder / "pytorch_model.bin").is_file():
+            return
+        raise error(
+            f"{what} {folder}: no model.safetensors (the weights); the copy is incomplete or the run that wrote it "
+            f"stopped before saving: copy it again, or use one of its checkpoint-N folders."
+        )
+    for file in files:
+        if not file.is_file():
+            raise error(f"{file}: missing (listed in {index.name}); copy the checkpoint again.")
+        fault = safetensors_fault(file)
+        if fault:
+            raise error(f"{file} {fault}; {_DAMAGED}.")

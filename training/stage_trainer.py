@@ -92,6 +92,18 @@ class StageTrainer(Trainer):
                 f"the earlier checkpoints are intact: free space, then resume with --resume_from_checkpoint last.",
             ) from e
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        try:
+            super().save_model(output_dir, _internal_call)
+        except OSError as e:
+            if _internal_call:  # within _save_checkpoint, which names the checkpoint
+                raise
+            raise CheckpointWriteError(
+                e.errno,
+                f"Saving the model in {output_dir or self.args.output_dir} failed ({e.strerror or e}); the "
+                f"checkpoints written before are intact: free space, then resume with --resume_from_checkpoint last.",
+            ) from e
+
     def _record(self, **terms: torch.Tensor | None) -> None:
         for name, value in terms.items():
             if value is not None:
