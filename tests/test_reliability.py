@@ -5,6 +5,7 @@ folder. Each fault stops with one line naming the file and line, the class or th
 import json
 
 import pytest
+import torch
 from conftest import CLASS_NAMES, write_lt_dataset
 from test_bad_input import FAST, assert_stopped_before_training, error_line, run, stage1_args
 
@@ -341,3 +342,138 @@ def test_damaged_stage2_checkpoint_in_run_eval_and_run_lgr(data, tmp_path, capfd
             "--output_dir", str(tmp_path / "lgr"), *FAST]  # fmt: skip
     code, err = run("run_lgr", argv, capfd)
     assert code == 2 and f"{damaged} is cut short" in error_line(err, "run_lgr")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ctrl-C / SIGTERM during training, and two runs on one output folder
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _signal_after_checkpoint(command, out, env, signum, step: int = 4):
+    """Starts the run, sends `signum` once checkpoint-`step` is written, and returns (exit status, stderr)."""
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = out / f"checkpoint-{step}" / "trainer_state.json"
+    deadline = time.time() + 240
+    while not state.exists():
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            raise AssertionError(f"no checkpoint-{step} appeared: {process.stderr.read()[-2000:]}")
+        time.sleep(0.01)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert signal.SIGINT == signum or signal.SIGTERM == signum
+    return process.returncode, stderr
+
+
+def test_ctrl_c_stops_after_the_step_and_resume_matches_uninterrupted(tmp_path, tiny_clip_dir):
+    """Ctrl-C sent to a real `python -m training.run_cvlp` process."""
+    signame = "SIGINT"
+    import re
+    import signal
+    import subprocess
+
+    from test_resume import TRAIN_COUNTS, _check_same, _command, _env, _final_weights
+
+    data = write_lt_dataset(tmp_path / "data", train_counts=TRAIN_COUNTS)
+    env = _env(tmp_path)
+
+    def command(out):
+        return _command("training.run_cvlp", ["--model_name_or_path", tiny_clip_dir, "--train_file", data["train"],
+                        "--image_root", data["root"], "--class_names", data["classes"], "--text_corpus",
+                        data["corpus"], "--output_dir", str(out), "--learning_rate", "1e-3"]) + ["--max_steps", "12"]  # fmt: skip
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    background = subprocess.Popen(command(straight), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    signum = getattr(signal, signame)
+    code, err = _signal_after_checkpoint(command(stopped), stopped, env, signum)
+    lines = [line for line in err.splitlines() if line.startswith("run_cvlp:")]
+    assert code == 128 + signum and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    match = re.fullmatch(rf"run_cvlp: stopped by {signame} after step (\d+); checkpoint-\1 is saved in {stopped}: run "
+                         r"the same command with --resume_from_checkpoint last to continue\.", lines[0])  # fmt: skip
+    assert match, lines[0]
+    step = int(match.group(1))
+    assert 4 <= step < 12 and not (stopped / "model.safetensors").exists()
+    from training.cli import checkpoint_is_complete
+
+    assert checkpoint_is_complete(stopped / f"checkpoint-{step}")
+    resumed = subprocess.run(command(stopped) + ["--resume_from_checkpoint", "last"], env=env, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {stopped / f'checkpoint-{step}'}" in resumed.stderr
+    assert background.wait(timeout=300) == 0, background.stderr.read().decode()[-3000:]
+    _check_same(_final_weights(stopped), _final_weights(straight))
+
+
+def test_sigterm_in_process_stops_saves_and_resumes_to_the_same_weights(data, tmp_path, tiny_clip_dir, capfd):
+    """SIGTERM (a scheduler's pre-emption) while a stage-1 run trains in this process."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from safetensors.torch import load_file
+
+    def argv(out):
+        return stage1_args(data, out, tiny_clip_dir, "--save_strategy", "steps", "--save_steps", "2",
+                           "--learning_rate", "1e-3", "--max_steps", "8", "--per_device_train_batch_size", "4")  # fmt: skip
+
+    assert run("run_cvlp", argv(tmp_path / "straight"), capfd)[0] == 0
+    out = tmp_path / "stopped"
+
+    def terminate_after_the_first_checkpoint():
+        deadline = time.time() + 120
+        while not (out / "checkpoint-2" / "trainer_state.json").exists() and time.time() < deadline:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=terminate_after_the_first_checkpoint)
+    sender.start()
+    code, err = run("run_cvlp", argv(out), capfd)
+    sender.join()
+    assert code == 128 + signal.SIGTERM and "run_cvlp: stopped by SIGTERM after step" in err, err[-2000:]
+    assert not (out / "model.safetensors").exists()
+    assert run("run_cvlp", argv(out) + ["--resume_from_checkpoint", "last"], capfd)[0] == 0
+    straight, resumed = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_signal_handlers_are_restored_after_training(data, tmp_path, tiny_clip_dir, capfd):
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    assert run("run_cvlp", stage1_args(data, tmp_path / "out", tiny_clip_dir), capfd)[0] == 0
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_second_run_on_a_held_output_folder_is_refused(data, tmp_path, tiny_clip_dir, capfd):
+    import subprocess
+    import sys
+
+    from training.cli import LOCK_FILE
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # another run's lock, taken the way lock_output_dir takes it (flock on the lock file, holding its process id)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); f.write(f'{os.getpid()}\\n'); f.flush(); "
+         "print('held', flush=True); time.sleep(120)", str(out / LOCK_FILE)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, err = run("run_cvlp", stage1_args(data, out, tiny_clip_dir, "--overwrite_output_dir", "True"), capfd)
+        line = error_line(err, "run_cvlp")
+        assert code == 2 and f"--output_dir {out} is in use by another run (process {holder.pid})" in line, line
+    finally:
+        holder.kill()  # SIGKILL: its lock file stays behind, its lock does not
+        holder.wait()
+    assert (out / LOCK_FILE).exists()
+    code, err = run("run_cvlp", stage1_args(data, out, tiny_clip_dir), capfd)
+    assert code == 0, err[-2000:]
+    assert not (out / LOCK_FILE).exists()

@@ -3,6 +3,7 @@ overrides), one-line errors, the output-folder guard, the training history that 
 publishing a folder to the Hub."""
 
 import errno
+import fcntl
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from transformers.utils import logging
 
 from .data import DataError
 from .io_utils import atomic_write_json, check_checkpoint_folder, read_user_text
-from .stage_trainer import CheckpointWriteError, NonFiniteLossError
+from .stage_trainer import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
 
 logger = logging.get_logger(__name__)
 
@@ -87,6 +88,14 @@ def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str]
         result = main(argv)
         _leave_process_group()
         return result
+    except TrainingInterrupted as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
+    except KeyboardInterrupt:
+        if os.environ.get("VLLTR_DEBUG"):
+            raise
+        print(f"{prog}: interrupted before training started (nothing to resume from).", file=sys.stderr)
+        raise SystemExit(130) from None
     except (DataError, UsageError, NonFiniteLossError, CheckpointWriteError) as e:
         if os.environ.get("VLLTR_DEBUG"):
             raise
@@ -104,6 +113,8 @@ def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str]
             file=sys.stderr,
         )
         raise SystemExit(2) from None
+    finally:
+        release_output_dirs()
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -177,6 +188,9 @@ def prepare_output_dir(training_args, script: str) -> str | None:
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise UsageError("--push_to_hub needs --hub_model_id org/name (the repository to create or update).")
     out = Path(training_args.output_dir)
+    check_output_dir(out)
+    if training_args.process_index == 0:
+        lock_output_dir(out)
     resume = getattr(training_args, "resume_from_checkpoint", None)
     if resume is not None and str(resume).lower() in ("last", "true"):
         resume = last_complete_checkpoint(out) if out.is_dir() else None
@@ -193,14 +207,13 @@ def prepare_output_dir(training_args, script: str) -> str | None:
                 f"--resume_from_checkpoint {resume}: the checkpoint is incomplete (the run was stopped while saving "
                 f"it); use an earlier one or --resume_from_checkpoint last."
             )
-    check_output_dir(out)
     if (
         out.is_dir()
-        and any(out.iterdir())
+        and any(p.name != LOCK_FILE for p in out.iterdir())
         and resume is None
         and not getattr(training_args, "overwrite_output_dir", 0)
     ):
-        held = sorted(p.name for p in out.iterdir())
+        held = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
         owner = ""
         history = read_history(out)
         if history:
@@ -212,6 +225,47 @@ def prepare_output_dir(training_args, script: str) -> str | None:
         )
     out.mkdir(parents=True, exist_ok=True)
     return resume
+
+
+LOCK_FILE = ".vlltr.lock"
+_held_locks: dict[str, Any] = {}  # output folder -> the open lock file this process holds
+
+
+def lock_output_dir(out: Path) -> None:
+    """Holds an advisory lock (`flock`) on `out/.vlltr.lock` until `release_output_dirs` (run_main calls it at the end)
+    or the process ends, so a second run started on the same folder is refused while this one runs. The kernel drops
+    the lock when its process dies, so a lock file left by a killed run blocks nothing."""
+    key = str(out.resolve())
+    if key in _held_locks:
+        return
+    path = out / LOCK_FILE
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip()
+        handle.close()
+        raise UsageError(
+            f"--output_dir {out} is in use by another run{f' (process {owner})' if owner else ''}: wait for it to "
+            f"finish, or choose another folder."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _held_locks[key] = handle
+
+
+def release_output_dirs() -> None:
+    """Releases the output-folder locks this process holds (and removes their files)."""
+    for key, handle in list(_held_locks.items()):
+        try:
+            os.remove(Path(key) / LOCK_FILE)
+        except OSError:
+            pass
+        handle.close()
+        del _held_locks[key]
 
 
 def check_output_dir(out: Path) -> None:
