@@ -84,6 +84,7 @@ class _Parser(HfArgumentParser):
 def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str] | None = None) -> Any:
     """Runs a script's `main`, turning user errors into one line on stderr and exit status 2. Set VLLTR_DEBUG=1 to
     see the traceback."""
+    held_before = set(_held_locks)
     try:
         result = main(argv)
         _leave_process_group()
@@ -114,7 +115,7 @@ def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str]
         )
         raise SystemExit(2) from None
     finally:
-        release_output_dirs()
+        release_output_dirs(keep=held_before)
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -257,9 +258,12 @@ def lock_output_dir(out: Path) -> None:
     _held_locks[key] = handle
 
 
-def release_output_dirs() -> None:
-    """Releases the output-folder locks this process holds (and removes their files)."""
+def release_output_dirs(keep: set[str] = frozenset()) -> None:
+    """Releases the output-folder locks this process holds, except those of the folders in `keep` (and removes their
+    files)."""
     for key, handle in list(_held_locks.items()):
+        if key in keep:
+            continue
         try:
             os.remove(Path(key) / LOCK_FILE)
         except OSError:
