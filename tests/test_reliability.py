@@ -477,3 +477,42 @@ def test_second_run_on_a_held_output_folder_is_refused(data, tmp_path, tiny_clip
     code, err = run("run_cvlp", stage1_args(data, out, tiny_clip_dir), capfd)
     assert code == 0, err[-2000:]
     assert not (out / LOCK_FILE).exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# More unusual input, found by trying it
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_key_written_twice_in_a_json_file_is_named(data, tmp_path, tiny_clip_dir, capfd):
+    """JSON keeps the last of two equal keys silently, which would drop the first one's sentences or setting."""
+    text = open(data["corpus"]).read()
+    open(data["corpus"], "w").write(text[:-1] + ', "blue ring": ["Again."]}')
+    code, err = run("run_cvlp", stage1_args(data, tmp_path / "out", tiny_clip_dir), capfd)
+    line = error_line(err, "run_cvlp")
+    assert code == 2 and f"{data['corpus']}: the key 'blue ring' appears twice in one JSON object" in line, line
+    arguments = tmp_path / "args.json"
+    arguments.write_text('{"max_steps": 1, "seed": 1, "max_steps": 2}')
+    code, err = run("run_cvlp", [str(arguments), *stage1_args(data, tmp_path / "out2", tiny_clip_dir)], capfd)
+    assert code == 2 and f"{arguments}: the key 'max_steps' appears twice" in error_line(err, "run_cvlp")
+
+
+def test_model_path_that_is_a_file_and_output_dir_that_is_a_looping_link(data, tmp_path, tiny_clip_dir, capfd):
+    code, err = run("run_cvlp", stage1_args(data, tmp_path / "out", data["train"]), capfd)
+    line = error_line(err, "run_cvlp")
+    assert code == 2 and f"--model_name_or_path {data['train']} is a file: pass the checkpoint folder" in line
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    code, err = run("run_cvlp", stage1_args(data, loop, tiny_clip_dir), capfd)
+    assert code == 2 and f"--output_dir {loop} is a broken or looping symbolic link" in error_line(err, "run_cvlp")
+
+
+def test_image_behind_a_symlink_loop_is_named_with_its_line(data, tmp_path, tiny_clip_dir, capfd):
+    import os
+
+    os.symlink("loop", os.path.join(data["root"], "images", "loop"))
+    open(data["train"], "a").write("images/loop/x.png 0\n")
+    rows = len(open(data["train"]).read().splitlines())
+    code, err = run("run_cvlp", stage1_args(data, tmp_path / "out", tiny_clip_dir), capfd)
+    line = error_line(err, "run_cvlp")
+    assert code == 2 and f"{data['train']}:{rows}: cannot read image" in line and "symbolic links" in line, line

@@ -18,7 +18,7 @@ from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from .data import DataError
-from .io_utils import atomic_write_json, check_checkpoint_folder, read_user_text
+from .io_utils import atomic_write_json, check_checkpoint_folder, read_user_text, unique_keys
 from .stage_trainer import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
 
 logger = logging.get_logger(__name__)
@@ -37,7 +37,9 @@ class UsageError(ValueError):
 
 def _json_to_argv(path: str) -> list[str]:
     try:
-        values = json.loads(read_user_text(path, "argument file", UsageError))
+        values = json.loads(
+            read_user_text(path, "argument file", UsageError), object_pairs_hook=unique_keys(path, UsageError)
+        )
     except json.JSONDecodeError as e:
         raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg}).") from None
     if not isinstance(values, dict):
@@ -274,6 +276,10 @@ def release_output_dirs(keep: set[str] = frozenset()) -> None:
 
 def check_output_dir(out: Path) -> None:
     """Refuses, before any work, an --output_dir that is a file, lies under a file, or cannot be written."""
+    if out.is_symlink() and not out.exists():
+        raise UsageError(
+            f"--output_dir {out} is a broken or looping symbolic link: choose another path or fix the link."
+        )
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file, not a folder: choose another path (or move the file away).")
     for parent in out.parents:

@@ -26,7 +26,7 @@ from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
-from .io_utils import atomic_write, check_class_names, match_corpus_keys, read_user_text
+from .io_utils import atomic_write, check_class_names, match_corpus_keys, read_user_text, unique_keys
 
 logger = logging.get_logger(__name__)
 
@@ -360,7 +360,7 @@ class ClassCorpus:
 
 def _corpus_from_json(path: Path, class_names: list[str]) -> dict[int, list[str]]:
     try:
-        data = json.loads(read_text_file(path, "corpus file"))
+        data = json.loads(read_text_file(path, "corpus file"), object_pairs_hook=unique_keys(path, DataError))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
     if not isinstance(data, dict):

@@ -75,6 +75,21 @@ def read_user_text(path: str | os.PathLike, what: str = "file", error: type[Exce
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def unique_keys(source: str | os.PathLike, error: type[Exception] = ValueError) -> Callable[[list], dict]:
+    """A `json.loads` `object_pairs_hook` that refuses an object naming the same key twice (JSON keeps the last one
+    silently, which would drop the first one's content): one line naming `source` and the key."""
+
+    def hook(pairs: list) -> dict:
+        result = {}
+        for key, value in pairs:
+            if key in result:
+                raise error(f"{source}: the key {key!r} appears twice in one JSON object; keep one (merge them).")
+            result[key] = value
+        return result
+
+    return hook
+
+
 def normalize_class_name(name: str) -> str:
     """The form two class names are compared in: case, underscores and runs of white space do not count."""
     return " ".join(name.replace("_", " ").split()).casefold()
@@ -173,6 +188,8 @@ def check_checkpoint_folder(
     are missing, cut short or not valid JSON, in one line naming the file and the fix. A Hub name (not a local
     folder) is left to `from_pretrained`."""
     folder = Path(path)
+    if folder.is_file():
+        raise error(f"{what} {folder} is a file: pass the checkpoint folder (the one holding config.json).")
     if not folder.is_dir():
         return
     if not (folder / "config.json").is_file():
