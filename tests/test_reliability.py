@@ -351,7 +351,6 @@ def test_damaged_stage2_checkpoint_in_run_eval_and_run_lgr(data, tmp_path, capfd
 
 def _signal_after_checkpoint(command, out, env, signum, step: int = 4):
     """Starts the run, sends `signum` once checkpoint-`step` is written, and returns (exit status, stderr)."""
-    import signal
     import subprocess
     import time
 
@@ -365,7 +364,6 @@ def _signal_after_checkpoint(command, out, env, signum, step: int = 4):
         time.sleep(0.01)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
-    assert signal.SIGINT == signum or signal.SIGTERM == signum
     return process.returncode, stderr
 
 
