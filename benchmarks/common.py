@@ -1,5 +1,6 @@
-"""What every benchmark case shares: real-size random CLIP configs and inputs, alternating timing of our step and
-the floor's, peak memory of one step, and the JSON line each case prints."""
+"""What every benchmark case shares: real-size random CLIP configs and inputs, paired timing of our step and the
+floor's (back to back, order alternating; the headline is the median of the per-round ratios), peak memory of one
+step, and the JSON line each case prints."""
 
 import argparse
 import json
@@ -36,6 +37,9 @@ NUM_ANCHORS = 64  # M
 SOT, EOT = 49406, 49407  # CLIP's start / end-of-text ids; the HF tokenizer pads with EOT
 
 MB = 2**20
+QUICK_REPEATS = 5  # timed rounds under --quick: the median of 5 paired ratios already resists one disturbed round
+MAX_WARMUP = 6
+WARMUP_TOLERANCE = 0.05  # warm-up ends once a round's ours/floor ratio is within 5% of the previous round's
 
 
 def vit_b16_clip_config() -> CLIPConfig:
@@ -49,9 +53,15 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per side (alternating)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per side before timing")
-    p.add_argument("--quick", action="store_true", help="fewer repeats (3 per side); nothing else changes")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (one step per side, order alternating)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help=f"untimed rounds before timing, at least; more (up to {MAX_WARMUP}) until two in a row agree within "
+        f"{WARMUP_TOLERANCE:.0%}",
+    )
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_REPEATS} timed rounds; nothing else changes")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -60,7 +70,7 @@ def setup(args, default_repeats: int) -> torch.device:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.repeats is None:
-        args.repeats = 3 if args.quick else default_repeats
+        args.repeats = QUICK_REPEATS if args.quick else default_repeats
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     log(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats")
@@ -127,25 +137,73 @@ def run_step(side: Side, device) -> tuple[float, float]:
 class Timings:
     ours: list[float]  # wall seconds per step
     floor: list[float]
-    ours_cpu: list[float]  # CPU seconds of the process per step (all threads), less sensitive to other load
+    ours_cpu: list[float]  # CPU seconds of the process per step (all threads)
     floor_cpu: list[float]
+    warmup_rounds: int = 0
+
+    @property
+    def paired_ratios(self) -> list[float]:
+        """ours / floor within each round: the two steps ran back to back, so load that comes and goes (another
+        process, frequency scaling) hits both alike and cancels in the ratio."""
+        return [o / f for o, f in zip(self.ours, self.floor)]
+
+    @property
+    def ratio(self) -> float:
+        """The headline: the median over rounds of the paired ratio (robust to a round disturbed on one side)."""
+        return statistics.median(self.paired_ratios)
+
+    @property
+    def spread(self) -> dict[str, float]:
+        """How far the paired ratios scatter: their quartiles, and the interquartile range relative to the median."""
+        ratios = sorted(self.paired_ratios)
+        if len(ratios) < 2:
+            q1 = q3 = ratios[0]
+        else:
+            q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        return {"q1": q1, "q3": q3, "min": ratios[0], "max": ratios[-1], "relative_iqr": (q3 - q1) / self.ratio}
 
 
-def alternate(ours: Side, floor: Side, device, repeats: int, warmup: int = 1) -> Timings:
-    """Warms each side up, then times them alternately in one process: ours, floor, floor, ours, ... (the order
-    flips every round so a slow drift of the machine hits both sides alike)."""
-    for i in range(warmup):
-        log(
-            f"warm-up {i + 1}/{warmup}: ours {run_step(ours, device)[0]:.3f}s, floor {run_step(floor, device)[0]:.3f}s"
-        )
-    t = Timings([], [], [], [])
+def _round(ours: Side, floor: Side, device, ours_first: bool) -> tuple[tuple[float, float], tuple[float, float]]:
+    """One round: a step of each side back to back, in the given order. Returns ((wall, cpu) ours, (wall, cpu) floor)."""
+    if ours_first:
+        o = run_step(ours, device)
+        return o, run_step(floor, device)
+    f = run_step(floor, device)
+    return run_step(ours, device), f
+
+
+def alternate(
+    ours: Side,
+    floor: Side,
+    device,
+    repeats: int,
+    warmup: int = 2,
+    max_warmup: int = MAX_WARMUP,
+    tolerance: float = WARMUP_TOLERANCE,
+) -> Timings:
+    """Times `ours` against `floor` in one process, in rounds of one step each, back to back, the order flipping
+    every round (ours, floor | floor, ours | ...) so a drift of the machine hits both sides alike.
+
+    Warm-up: at least `warmup` untimed rounds, continued (up to `max_warmup`) until a round's ours/floor ratio is
+    within `tolerance` of the previous round's, so caches, allocator pools and lazily built state (e.g. stage 1's
+    teacher sentence cache) are in place before the first timed round."""
+    previous, rounds = None, 0
+    for i in range(max(max_warmup, warmup)):
+        (o, _), (f, _) = _round(ours, floor, device, ours_first=i % 2 == 0)
+        rounds += 1
+        ratio = o / f
+        log(f"warm-up {i + 1}: ours {o:.3f}s, floor {f:.3f}s, ratio {ratio:.3f}")
+        if rounds >= warmup and previous is not None and abs(ratio / previous - 1) <= tolerance:
+            break
+        previous = ratio
+    t = Timings([], [], [], [], warmup_rounds=rounds)
     for i in range(repeats):
-        order = [(ours, t.ours, t.ours_cpu), (floor, t.floor, t.floor_cpu)]
-        for side, wall, cpu in order if i % 2 == 0 else order[::-1]:
-            w, c = run_step(side, device)
-            wall.append(w)
-            cpu.append(c)
-        log(f"round {i + 1}/{repeats}: ours {t.ours[-1]:.3f}s, floor {t.floor[-1]:.3f}s (wall)")
+        (o, oc), (f, fc) = _round(ours, floor, device, ours_first=i % 2 == 0)
+        t.ours.append(o)
+        t.floor.append(f)
+        t.ours_cpu.append(oc)
+        t.floor_cpu.append(fc)
+        log(f"round {i + 1}/{repeats}: ours {o:.3f}s, floor {f:.3f}s, ratio {o / f:.3f} (wall)")
     return t
 
 
@@ -235,7 +293,8 @@ def emit(
     **extra,
 ) -> dict:
     ours_s, floor_s = statistics.median(timings.ours), statistics.median(timings.floor)
-    ratio = ours_s / floor_s
+    ratio = timings.ratio
+    spread = timings.spread
     ours_cpu_s, floor_cpu_s = statistics.median(timings.ours_cpu), statistics.median(timings.floor_cpu)
     if memory_ratio is None:
         memory_ratio = ours_peak_mb / floor_peak_mb
@@ -243,7 +302,10 @@ def emit(
         "case": case,
         "ours_s": round(ours_s, 4),
         "floor_s": round(floor_s, 4),
-        "ratio": round(ratio, 3),
+        "ratio": round(ratio, 3),  # median over rounds of the paired ratio ours/floor
+        "ratio_q1": round(spread["q1"], 3),
+        "ratio_q3": round(spread["q3"], 3),
+        "ratio_relative_iqr": round(spread["relative_iqr"], 3),
         "bound": bound,
         "ok": ratio <= bound,
         "ours_peak_mb": round(ours_peak_mb, 1),
@@ -256,11 +318,13 @@ def emit(
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "repeats": len(timings.ours),
+        "warmup_rounds": timings.warmup_rounds,
         **extra,
         "ours_times_s": [round(t, 3) for t in timings.ours],
         "floor_times_s": [round(t, 3) for t in timings.floor],
-        # median over rounds of ours/floor within the round: a second estimate, robust to slow drift of the machine
-        "paired_ratio": round(statistics.median(o / f for o, f in zip(timings.ours, timings.floor)), 3),
+        "paired_ratios": [round(r, 3) for r in timings.paired_ratios],
+        # a second estimate, for comparison: the ratio of the medians (sensitive to load that hits one side only)
+        "ratio_of_medians": round(ours_s / floor_s, 3),
         "cpu_time_ratio": round(ours_cpu_s / floor_cpu_s, 3),
         "ours_cpu_s": round(ours_cpu_s, 3),
         "floor_cpu_s": round(floor_cpu_s, 3),

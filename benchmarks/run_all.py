@@ -2,7 +2,7 @@
 the total wall time) on stderr; the lines are also written to `bench_output/bench.jsonl`.
 
     python -m benchmarks.run_all            # or: make bench
-    python -m benchmarks.run_all --quick    # 3 timed steps per side instead of 5-7
+    python -m benchmarks.run_all --quick    # 5 timed rounds instead of 7-9
     python -m benchmarks.run_all --device cuda --only inference
 """
 
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="fewer timed steps per side; nothing else changes")
+    p.add_argument("--quick", action="store_true", help="fewer timed rounds; nothing else changes")
     p.add_argument("--only", nargs="*", default=None, help="run only the cases whose module names are given")
     p.add_argument("--output", default="bench_output/bench.jsonl")
     args = p.parse_args(argv)
@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     common.log("summary (time ratio <= bound, memory ratio <= bound):")
     for r in results:
         common.log(
-            f"  {r['case']:<28} time {r['ratio']:.3f} (<= {r['bound']}) {'ok' if r['ok'] else 'MISSED'}; "
+            f"  {r['case']:<28} time {r['ratio']:.3f} [IQR {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}] (<= {r['bound']}) "
+            f"{'ok' if r['ok'] else 'MISSED'}; "
             f"memory {r['memory_ratio']:.3f} (<= {r['memory_bound']}) {'ok' if r['memory_ok'] else 'MISSED'}"
         )
     common.log(f"total wall time {total:.0f} s; lines written to {args.output}")

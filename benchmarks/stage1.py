@@ -29,7 +29,7 @@ def main(argv=None):
     p.add_argument("--sentences-per-class", type=int, default=4)
     p.add_argument("--text-length", type=int, default=77)
     args = p.parse_args(argv)
-    device = common.setup(args, default_repeats=5)
+    device = common.setup(args, default_repeats=7)
 
     config = VLLTRConfig(clip_config=common.vit_b16_clip_config())
     student = VLLTRModel(config).to(device)

@@ -361,6 +361,21 @@ class VLLTRPreTrainedModel(PreTrainedModel):
     # code in a process that never installed this package).
     _auto_map_classes: tuple[str, ...] = ()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a cut-short or damaged weights file (an interrupted copy or download)
+        raises an `OSError` of one line naming the file, not safetensors' own error."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except Exception as error:
+            if not type(error).__module__.startswith("safetensors"):
+                raise
+            folder = "/".join(filter(None, [str(pretrained_model_name_or_path).rstrip("/"), kwargs.get("subfolder")]))
+            raise OSError(
+                f"{folder}/model.safetensors: cannot read the weights ({error}); the file is cut short or damaged (an "
+                f"interrupted copy or download): copy or download it again."
+            ) from None
+
     def _init_weights(self, module):
         # Container modules without parameters of their own (VLLTRTextBranch, VLLTRImageBranch) are skipped by
         # transformers' initialisation of custom code, so everything is set from the leaves or the top model.

@@ -229,7 +229,7 @@ def test_build_class_corpus_ambiguous_class_name_key(tmp_path):
 
 def test_build_class_corpus_file_errors(tmp_path):
     (tmp_path / "latin1.json").write_bytes('{"caf\xe9": ["x."]}'.encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1\.json: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"latin1\.json:1: not valid UTF-8"):
         build_class_corpus(["café"], tmp_path / "latin1.json")
     write(tmp_path / "broken.json", "{oops")
     with pytest.raises(DataError, match=r"broken\.json: not valid JSON"):
@@ -251,7 +251,7 @@ def test_build_class_corpus_desc_folder_errors(tmp_path):
 
     write(tmp_path / "d3" / "desc_0.txt", "Zero.")
     (tmp_path / "d3" / "desc_1.txt").write_bytes("Caf\xe9 au lait.".encode("latin-1"))
-    with pytest.raises(DataError, match=r"desc_1\.txt: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"desc_1\.txt:1: not valid UTF-8"):
         build_class_corpus(["a", "b"], tmp_path / "d3")
 
 

@@ -116,7 +116,7 @@ def test_read_image_list_missing_file(tmp_path):
 def test_read_image_list_non_utf8_file(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\xe9.png 0\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1\.txt: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"latin1\.txt:1: not valid UTF-8"):
         read_image_list(path, tmp_path)
 
 
@@ -469,7 +469,7 @@ def test_read_class_names_missing_and_non_utf8(tmp_path):
     with pytest.raises(DataError, match=r"absent\.txt: class-name file not found"):
         read_class_names(tmp_path / "absent.txt")
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n")
-    with pytest.raises(DataError, match=r"bad\.txt: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"bad\.txt:1: not valid UTF-8"):
         read_class_names(tmp_path / "bad.txt")
 
 

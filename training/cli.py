@@ -1,9 +1,12 @@
 """Plumbing shared by the `run_*` scripts: argument parsing (a `.json` file of arguments, then command-line
 overrides), one-line errors, the output-folder guard, and recording a finished run (history, model card, Hub)."""
 
+import errno
+import fcntl
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,9 +17,9 @@ from huggingface_hub import HfApi
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
-from .io_utils import DataError
+from .io_utils import DataError, check_checkpoint_folder, read_user_text, unique_keys
 from .model_card import extend_history, read_history, write_history, write_model_card
-from .stage_trainer import CheckpointWriteError, NonFiniteLossError
+from .stage_trainer import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
 
 logger = logging.get_logger(__name__)
 
@@ -32,14 +35,21 @@ class UsageError(ValueError):
 
 def _json_to_argv(path: str) -> list[str]:
     try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: cannot read the argument file ({e}).") from None
+        values = json.loads(
+            read_user_text(path, "argument file", UsageError), object_pairs_hook=unique_keys(path, UsageError)
+        )
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg}).") from None
+    if not isinstance(values, dict):
+        raise UsageError(
+            f"{path}: expected a JSON object of argument names and values, got a {type(values).__name__}."
+        )
     argv = []
     for key, value in values.items():
         if key.startswith("_"):  # "_comment", "_global_batch": notes for the reader
             continue
+        if key.startswith("-"):
+            raise UsageError(f"{path}: key {key!r}: write argument names without the leading dashes.")
         if isinstance(value, list):
             argv += [f"--{key}", *map(str, value)]
         elif isinstance(value, dict):
@@ -53,28 +63,62 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     """`HfArgumentParser` over `dataclass_types`. A leading `.json` argument is a file of arguments (keys starting
     with "_" are comments); any further command-line flags override it."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    source = ""
     if argv and argv[0].endswith(".json"):
+        source = f" (arguments from {argv[0]} and the command line)"
         argv = _json_to_argv(argv[0]) + argv[1:]
-    parser = HfArgumentParser(dataclass_types)
+    parser = _Parser(dataclass_types)
     try:
         return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(f"{e}{source}") from None
+
+
+class _Parser(HfArgumentParser):
+    """argparse prints the whole usage (hundreds of Trainer flags) before a wrong value; one line is enough."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
 
 
 def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str] | None = None) -> Any:
     """Runs a script's `main`, turning user errors into one line on stderr and exit status 2. Set VLLTR_DEBUG=1 to
     see the traceback."""
+    held_before = set(_held_locks)
     try:
         result = main(argv)
         _leave_process_group()
         return result
+    except TrainingInterrupted as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
+    except KeyboardInterrupt:
+        if os.environ.get("VLLTR_DEBUG"):
+            raise
+        print(f"{prog}: interrupted before training started (nothing to resume from).", file=sys.stderr)
+        raise SystemExit(130) from None
     except (DataError, UsageError, NonFiniteLossError, CheckpointWriteError) as e:
         if os.environ.get("VLLTR_DEBUG"):
             raise
         message = " ".join((e.strerror if isinstance(e, CheckpointWriteError) else str(e)).split())
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as e:  # a full disk, a read-only or vanished output folder while writing the results
+        if e.errno not in _WRITE_ERRNOS or os.environ.get("VLLTR_DEBUG"):
+            raise
+        where = e.filename or "the output folder"
+        print(
+            f"{prog}: error: {where}: {e.strerror}; the files and checkpoints written before are intact: free space "
+            f"or fix the permissions (or choose another --output_dir), then run again (--resume_from_checkpoint "
+            f"last continues from the newest checkpoint).",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+    finally:
+        release_output_dirs(keep=held_before)
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def _leave_process_group() -> None:
@@ -112,12 +156,21 @@ def load_new_head(loader: Callable, path: str, **kwargs):
 
 
 def load_checked(what: str, loader: Callable, path: str, **kwargs):
-    """Calls `loader(path, **kwargs)`, turning a missing or wrong checkpoint into a `UsageError` naming `what`."""
+    """Calls `loader(path, **kwargs)`, turning a missing, damaged or wrong checkpoint into a `UsageError` naming
+    `what` (a local folder's files are checked first, so a cut-short file is named before anything is loaded)."""
+    check_checkpoint_folder(path, what, UsageError, weights=False)
     try:
-        return loader(path, **kwargs)
-    except (OSError, ValueError) as e:
+        result = loader(path, **kwargs)
+    except Exception as e:
+        if not isinstance(e, (OSError, ValueError)) and not type(e).__module__.startswith("safetensors"):
+            raise
+        if not isinstance(e, ValueError):  # a file is missing or unreadable: name it if it is the weights
+            check_checkpoint_folder(path, what, UsageError)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{what} {path}: {first}") from None
+    # The scripts load the config first: a missing or cut-short weights file is named now, before any work.
+    check_checkpoint_folder(path, what, UsageError)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -134,6 +187,9 @@ def prepare_output_dir(training_args, script: str) -> str | None:
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise UsageError("--push_to_hub needs --hub_model_id org/name (the repository to create or update).")
     out = Path(training_args.output_dir)
+    check_output_dir(out)
+    if training_args.process_index == 0:
+        lock_output_dir(out)
     resume = getattr(training_args, "resume_from_checkpoint", None)
     if resume is not None and str(resume).lower() in ("last", "true"):
         resume = last_complete_checkpoint(out) if out.is_dir() else None
@@ -152,11 +208,11 @@ def prepare_output_dir(training_args, script: str) -> str | None:
             )
     if (
         out.is_dir()
-        and any(out.iterdir())
+        and any(p.name != LOCK_FILE for p in out.iterdir())
         and resume is None
         and not getattr(training_args, "overwrite_output_dir", 0)
     ):
-        held = sorted(p.name for p in out.iterdir())
+        held = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
         owner = ""
         history = read_history(out)
         if history:
@@ -168,6 +224,74 @@ def prepare_output_dir(training_args, script: str) -> str | None:
         )
     out.mkdir(parents=True, exist_ok=True)
     return resume
+
+
+LOCK_FILE = ".vlltr.lock"
+_held_locks: dict[str, Any] = {}  # output folder -> the open lock file this process holds
+
+
+def lock_output_dir(out: Path) -> None:
+    """Holds an advisory lock (`flock`) on `out/.vlltr.lock` until `release_output_dirs` (run_main calls it at the end)
+    or the process ends, so a second run started on the same folder is refused while this one runs. The kernel drops
+    the lock when its process dies, so a lock file left by a killed run blocks nothing."""
+    key = str(out.resolve())
+    if key in _held_locks:
+        return
+    path = out / LOCK_FILE
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip()
+        handle.close()
+        raise UsageError(
+            f"--output_dir {out} is in use by another run{f' (process {owner})' if owner else ''}: wait for it to "
+            f"finish, or choose another folder."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _held_locks[key] = handle
+
+
+def release_output_dirs(keep: set[str] = frozenset()) -> None:
+    """Releases the output-folder locks this process holds, except those of the folders in `keep` (and removes their
+    files)."""
+    for key, handle in list(_held_locks.items()):
+        if key in keep:
+            continue
+        try:
+            os.remove(Path(key) / LOCK_FILE)
+        except OSError:
+            pass
+        handle.close()
+        del _held_locks[key]
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuses, before any work, an --output_dir that is a file, lies under a file, or cannot be written."""
+    if out.is_symlink() and not out.exists():
+        raise UsageError(
+            f"--output_dir {out} is a broken or looping symbolic link: choose another path or fix the link."
+        )
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} is a file, not a folder: choose another path (or move the file away).")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--output_dir {out}: {parent} is a file, not a folder: choose another path.")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UsageError(
+            f"--output_dir {out}: cannot write there ({e.strerror or e}): choose a writable folder, or fix its "
+            f"permissions."
+        ) from None
 
 
 def checkpoint_is_complete(folder: str | os.PathLike) -> bool:

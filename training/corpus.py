@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers.utils import logging
 
 from .arguments import CorpusArguments
-from .io_utils import DataError, atomic_write, read_text_file
+from .io_utils import DataError, atomic_write, match_corpus_keys, read_text_file, unique_keys
 
 logger = logging.get_logger(__name__)
 
@@ -108,11 +108,12 @@ class ClassCorpus:
 
 def _corpus_from_json(path: Path, class_names: list[str]) -> dict[int, list[str]]:
     try:
-        data = json.loads(read_text_file(path, "corpus file"))
+        data = json.loads(read_text_file(path, "corpus file"), object_pairs_hook=unique_keys(path, DataError))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object mapping class name or index to a list of sentences.")
+    data = match_corpus_keys(data, class_names, path, DataError)
     ambiguous = {name for name, count in Counter(class_names).items() if count > 1}
     index_of = {}
     for i, name in enumerate(class_names):

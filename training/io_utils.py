@@ -17,15 +17,9 @@ class DataError(ValueError):
 
 
 def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
-    """The UTF-8 text of a user file; a missing or non-UTF-8 file is a one-line `DataError` naming it."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: {what} not found.") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, not a {what}.") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start}).") from None
+    """The text of a user file (UTF-8, BOM and CRLF tolerated: `read_user_text`); a missing or non-UTF-8 file is a
+    one-line `DataError` naming it (and the line)."""
+    return read_user_text(path, what, DataError)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -66,3 +60,196 @@ def atomic_write_npz(path: str | os.PathLike, arrays: dict) -> None:
             np.savez(f, **arrays)
 
     atomic_write(path, _write)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading user text files
+# ----------------------------------------------------------------------------------------------------------------------
+
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def read_user_text(path: str | os.PathLike, what: str = "file", error: type[Exception] = ValueError) -> str:
+    """The text of a file a user wrote (a split list, class names, a corpus, a JSON argument file, a `desc_<i>.txt`
+    page), as editors and spreadsheets save it: UTF-8 with or without a byte-order mark, LF, CRLF or CR line ends
+    (returned as LF). A missing, unreadable or non-UTF-8 file raises `error` with one line naming the file (and the
+    line of the first undecodable byte)."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found.") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder, not a {what}.") from None
+    except PermissionError:
+        raise error(f"{path}: cannot read the {what} (permission denied).") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what} ({e.strerror or e}).") from None
+    if raw.startswith(_UTF16_BOMS):
+        raise error(f"{path}: the {what} is UTF-16 text; save it as UTF-8.")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        offset = e.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)  # utf-8-sig drops the BOM first
+        line = raw.count(b"\n", 0, offset) + 1
+        column = offset - (raw.rfind(b"\n", 0, offset) + 1) + 1
+        raise error(
+            f"{path}:{line}: not valid UTF-8 text (byte 0x{raw[offset]:02x} at column {column}); save the {what} "
+            f"as UTF-8."
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def unique_keys(source: str | os.PathLike, error: type[Exception] = ValueError) -> Callable[[list], dict]:
+    """A `json.loads` `object_pairs_hook` that refuses an object naming the same key twice (JSON keeps the last one
+    silently, which would drop the first one's content): one line naming `source` and the key."""
+
+    def hook(pairs: list) -> dict:
+        result = {}
+        for key, value in pairs:
+            if key in result:
+                raise error(f"{source}: the key {key!r} appears twice in one JSON object; keep one (merge them).")
+            result[key] = value
+        return result
+
+    return hook
+
+
+def normalize_class_name(name: str) -> str:
+    """The form two class names are compared in: case, underscores and runs of white space do not count."""
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
+def check_class_names(
+    names: list[str], source: str | os.PathLike, error: type[Exception] = ValueError, first_line: int | None = 1
+) -> None:
+    """Refuses a class list that gives no name, an empty name, or the same class twice (compared after
+    `normalize_class_name`): one line naming `source` and the line (label `i` is on line `first_line + i`; with
+    `first_line=None`, the label is named instead)."""
+
+    def where(i: int) -> str:
+        return f"{source}:{first_line + i}" if first_line is not None else f"{source}: label {i}"
+
+    if not names:
+        raise error(f"{source}: no class names.")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        key = normalize_class_name(str(name))
+        if not key:
+            raise error(f"{where(i)}: empty class name.")
+        if key in seen:
+            j = seen[key]
+            also = "" if names[j] == name else f" (as {names[j]!r}; case, underscores and spacing do not count)"
+            raise error(
+                f"{where(i)}: class name {name!r} repeats the name of label {j}{also}; every class needs its own "
+                f"name: rename one (e.g. add a qualifier, 'crane (bird)')."
+            )
+        seen[key] = i
+
+
+def match_corpus_keys(
+    corpus: dict, class_names: list[str], source: str | os.PathLike, error: type[Exception] = ValueError
+) -> dict:
+    """`corpus` with each key that names a class up to case, underscores and spacing rewritten to that class name.
+    Two keys that name the same class this way are refused (one line naming both); other keys are left alone."""
+    exact = {normalize_class_name(str(n)): n for n in class_names}
+    renamed: dict = {}
+    origin: dict = {}
+    for key, value in corpus.items():
+        name = exact.get(normalize_class_name(str(key)), key)
+        if name in renamed:
+            raise error(
+                f"{source}: the keys {origin[name]!r} and {key!r} both name class {name!r} (case, underscores and "
+                f"spacing do not count); merge their sentences under one key."
+            )
+        renamed[name], origin[name] = value, key
+    return renamed
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint folders
+# ----------------------------------------------------------------------------------------------------------------------
+
+# The JSON files of a saved model, tokenizer or image processor; a damaged one is named before anything is loaded.
+_CHECKPOINT_JSON = (
+    "config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+_DAMAGED = "the copy or download was interrupted or the file was damaged: copy or download it again"
+
+
+def safetensors_fault(path: str | os.PathLike) -> str | None:
+    """What is wrong with a `.safetensors` file (cut short, damaged header), or None. Reads only its header: the
+    8-byte header length, the JSON header, and the file size its tensors' `data_offsets` imply."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"is cut short ({size} bytes, not even a header)"
+        header_length = int.from_bytes(head, "little")
+        if header_length > size - 8:
+            return f"is cut short ({size:,} bytes; its header alone needs {header_length + 8:,})"
+        try:
+            header = json.loads(f.read(header_length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "has a damaged header"
+    if size < 8 + header_length + end:
+        return f"is cut short ({size:,} of {8 + header_length + end:,} bytes)"
+    return None
+
+
+def check_checkpoint_folder(
+    path: str | os.PathLike, what: str = "checkpoint", error: type[Exception] = ValueError, weights: bool = True
+) -> None:
+    """Refuses a local checkpoint folder whose config, weights (with `weights`) or tokenizer / image-processor files
+    are missing, cut short or not valid JSON, in one line naming the file and the fix. A Hub name (not a local
+    folder) is left to `from_pretrained`."""
+    folder = Path(path)
+    if folder.is_file():
+        raise error(f"{what} {folder} is a file: pass the checkpoint folder (the one holding config.json).")
+    if not folder.is_dir():
+        return
+    if not (folder / "config.json").is_file():
+        raise error(
+            f"{what} {folder}: no config.json; not a folder written by save_pretrained (or the copy is incomplete): "
+            f"point at the checkpoint folder itself, or copy it again."
+        )
+    for name in _CHECKPOINT_JSON:
+        file = folder / name
+        if not file.exists():
+            continue
+        try:
+            json.loads(file.read_bytes().decode("utf-8-sig"))
+        except UnicodeDecodeError:
+            raise error(f"{file}: not valid UTF-8; {_DAMAGED}.") from None
+        except json.JSONDecodeError as e:
+            raise error(f"{file}:{e.lineno}: not valid JSON ({e.msg}); {_DAMAGED}.") from None
+        except OSError as e:
+            raise error(f"{file}: cannot read it ({e.strerror or e}).") from None
+    if not weights:
+        return
+    files = [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = json.loads(index.read_text(encoding="utf-8-sig")).get("weight_map", {}).values()
+        files = [folder / shard for shard in sorted(set(shards))]
+    elif not files[0].is_file():
+        if (folder / "pytorch_model.bin").is_file():
+            return
+        raise error(
+            f"{what} {folder}: no model.safetensors (the weights); the copy is incomplete or the run that wrote it "
+            f"stopped before saving: copy it again, or use one of its checkpoint-N folders."
+        )
+    for file in files:
+        if not file.is_file():
+            raise error(f"{file}: missing (listed in {index.name}); copy the checkpoint again.")
+        fault = safetensors_fault(file)
+        if fault:
+            raise error(f"{file} {fault}; {_DAMAGED}.")

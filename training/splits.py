@@ -9,7 +9,6 @@ checked there, once, before any image is opened; `LabelledSplit.dataset(transfor
 
 import json
 import os
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -23,7 +22,7 @@ from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
 from .arguments import DataArguments
-from .io_utils import DataError, read_text_file
+from .io_utils import DataError, check_class_names, read_text_file
 
 logger = logging.get_logger(__name__)
 
@@ -232,9 +231,7 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
         names.append(name)
     if not names:
         raise DataError(f"{path}: no class names.")
-    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
-    if duplicates:
-        logger.warning(f"{path}: {len(duplicates)} class name(s) appear more than once, e.g. {duplicates[:3]}.")
+    check_class_names(names, path, DataError)
     return names
 
 
@@ -264,6 +261,8 @@ def resolve_class_names(data_args: DataArguments, split_names: list[str] | None,
     """Class names from --class_names, else the split (ClassLabel / iNaturalist categories), else the checkpoint.
     When the checkpoint has class names and they differ from the data's, stop and name the difference."""
     names = read_class_names(data_args.class_names) if data_args.class_names else split_names
+    if split_names is not None and not data_args.class_names:  # iNaturalist categories, a ClassLabel feature
+        check_class_names(split_names, data_args.train_file or data_args.dataset_name, DataError, first_line=None)
     if names is None:
         names = checkpoint_names
     if names is None:

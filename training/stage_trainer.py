@@ -1,6 +1,7 @@
 """What both stages' Trainers share: the long-tail sampler, the reference weight-decay rule, a hard stop on a
 non-finite loss, and logging of the loss terms."""
 
+import signal
 from collections import defaultdict
 
 import torch
@@ -8,6 +9,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .data import LongTailSampler
+from .interrupt import StopOnSignal, TrainingInterrupted
 
 logger = logging.get_logger(__name__)
 
@@ -40,6 +42,26 @@ class StageTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._terms: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.add_callback(_FiniteGradientGuard(self))
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`; SIGINT or SIGTERM stops it after the current step with a checkpoint saved, and raises
+        `TrainingInterrupted` saying how to resume (the previous signal handlers are restored either way)."""
+        stop = StopOnSignal()
+        self.add_callback(stop)
+        stop.install()
+        try:
+            result = super().train(*args, **kwargs)
+        finally:
+            stop.restore()
+            self.remove_callback(stop)
+        if stop.stopped_at is not None:
+            name = signal.Signals(stop.signum).name
+            raise TrainingInterrupted(
+                stop.signum,
+                f"stopped by {name} after step {stop.stopped_at}; checkpoint-{stop.stopped_at} is saved in "
+                f"{self.args.output_dir}: run the same command with --resume_from_checkpoint last to continue.",
+            )
+        return result
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -90,6 +112,18 @@ class StageTrainer(Trainer):
                 e.errno,
                 f"Writing checkpoint-{self.state.global_step} in {self.args.output_dir} failed ({e.strerror or e}); "
                 f"the earlier checkpoints are intact: free space, then resume with --resume_from_checkpoint last.",
+            ) from e
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        try:
+            super().save_model(output_dir, _internal_call)
+        except OSError as e:
+            if _internal_call:  # within _save_checkpoint, which names the checkpoint
+                raise
+            raise CheckpointWriteError(
+                e.errno,
+                f"Saving the model in {output_dir or self.args.output_dir} failed ({e.strerror or e}); the "
+                f"checkpoints written before are intact: free space, then resume with --resume_from_checkpoint last.",
             ) from e
 
     def _record(self, **terms: torch.Tensor | None) -> None:

@@ -1,0 +1,77 @@
+"""The benchmark harness (benchmarks/common.py): the headline ratio is the median of per-round paired ratios (ours and
+the floor timed back to back, the order alternating), after a warm-up that lasts until the ratio settles. Tested on
+scripted step times and on two workloads of known relative cost timed beside a busy process; no benchmark is timed
+here."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from benchmarks import common
+
+
+def _scripted(monkeypatch, times: list[tuple[str, float]]):
+    """Makes `run_step` return the scripted wall time of each call, checking which side was run."""
+    calls = iter(times)
+
+    def run_step(side, device):
+        name, seconds = next(calls)
+        assert side.step() == name, "the sides ran in an unexpected order"
+        return seconds, seconds
+
+    monkeypatch.setattr(common, "run_step", run_step)
+    return common.Side(lambda: "ours"), common.Side(lambda: "floor")
+
+
+def test_warm_up_lasts_until_the_ratio_settles_and_the_order_alternates(monkeypatch):
+    # warm-up: ratios 3.0 (cold), 2.4, 2.02, 2.0 -> stops after the 4th (within 5% of the 3rd)
+    warm = [("ours", 3.0), ("floor", 1.0), ("floor", 1.0), ("ours", 2.4), ("ours", 2.02), ("floor", 1.0),
+            ("floor", 1.0), ("ours", 2.0)]  # fmt: skip
+    timed = [("ours", 2.0), ("floor", 1.0), ("floor", 1.1), ("ours", 2.2), ("ours", 1.9), ("floor", 0.95)]
+    ours, floor = _scripted(monkeypatch, warm + timed)
+    t = common.alternate(ours, floor, torch.device("cpu"), repeats=3, warmup=2)
+    assert t.warmup_rounds == 4
+    assert t.ours == [2.0, 2.2, 1.9] and t.floor == [1.0, 1.1, 0.95]
+    assert t.paired_ratios == [2.0, 2.0, 2.0] and t.ratio == 2.0
+
+
+def test_headline_is_the_median_of_paired_ratios_not_the_ratio_of_medians():
+    """Load that comes and goes: in rounds 2 and 4 another process slowed both steps of the round 3x, in round 5 only
+    the floor's step. The paired median recovers the true 1.2; the ratio of medians does not."""
+    ours = [1.2, 3.6, 1.2, 3.6, 1.2, 3.6, 1.2]
+    floor = [1.0, 3.0, 1.0, 3.0, 3.0, 3.0, 1.0]
+    t = common.Timings(ours, floor, ours, floor)
+    assert [round(r, 6) for r in t.paired_ratios] == [1.2, 1.2, 1.2, 1.2, 0.4, 1.2, 1.2]
+    assert round(t.ratio, 6) == 1.2
+    naive = sorted(ours)[3] / sorted(floor)[3]
+    assert abs(naive - 1.2) > 0.5  # 1.2 / 3.0
+    spread = t.spread
+    assert round(spread["min"], 6) == 0.4 and round(spread["q1"], 6) == 1.2 and spread["relative_iqr"] == 0
+
+
+def test_paired_ratio_of_known_workloads_holds_beside_a_busy_process():
+    """The same matrix product repeated 2k and k times (true ratio 2), timed while CPU-bound processes spin, one per
+    core: the median paired ratio stays within 15% of 2."""
+    torch.set_num_threads(1)
+    a = torch.randn(128, 128, generator=torch.Generator().manual_seed(0))
+    out = torch.empty(128, 128)
+
+    def repeated(k: int):
+        def step():
+            for _ in range(k):
+                torch.mm(a, a, out=out)  # the same product every time: a fixed cost per repetition
+
+        return common.Side(step)
+
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        # steps of ~30 and ~60 ms on an idle core: long against a scheduler time slice, so a preemption costs both
+        # sides in proportion to their work
+        t = common.alternate(repeated(2000), repeated(1000), torch.device("cpu"), repeats=9, warmup=2, max_warmup=3)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    assert abs(t.ratio / 2 - 1) < 0.15, (t.ratio, t.paired_ratios)
