@@ -99,6 +99,14 @@ class AugmentationArguments:
     hflip: float = field(default=0.5, metadata={"help": "Horizontal flip probability (reference 0.5)."})
     rand_augment: bool = field(default=True, metadata={"help": "RandAugment m9 (reference rand-m9-mstd0.5-inc1)."})
     random_erasing: float = field(default=0.25, metadata={"help": "RandomErasing probability (reference 0.25)."})
+    augmentation: str = field(
+        default="timm",
+        metadata={
+            "help": "Library of the training transform: 'timm' (the reference's own create_transform) or "
+            "'torchvision' (an approximation: RandAugment without magnitude noise, both ops always, black fill).",
+            "choices": ["timm", "torchvision"],
+        },
+    )
 
 
 def load_split(data_args: DataArguments, split_file: str | None, hf_split: str | None, num_classes: int | None):
@@ -214,7 +222,12 @@ def build_training_datasets(data_args: DataArguments, aug_args: AugmentationArgu
     dataset (the evaluation image processor), every image checked. Returns `(train, eval or None, processor)`."""
     image_processor = eval_image_processor(image_size)
     transform = train_transform(
-        image_size, (aug_args.crop_scale_min, 1.0), aug_args.hflip, aug_args.rand_augment, aug_args.random_erasing
+        image_size,
+        (aug_args.crop_scale_min, 1.0),
+        aug_args.hflip,
+        aug_args.rand_augment,
+        aug_args.random_erasing,
+        aug_args.augmentation,
     )
     train_dataset = build_dataset(data_args, source, transform, "training split")
     eval_dataset = None

@@ -26,6 +26,7 @@ from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
+from .augmentation import AUGMENTATIONS, seeded_rngs, timm_train_transform
 from .io_utils import atomic_write
 
 logger = logging.get_logger(__name__)
@@ -237,12 +238,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         image = self.load_image(index)
-        if seed is None:
+        with seeded_rngs(seed):  # torch, NumPy and Python `random` (timm's ops use all three), restored afterwards
             pixel_values = self.transform(image)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                pixel_values = self.transform(image)
         return {"pixel_values": pixel_values, "labels": int(self.labels[index]), "sample_seed": seed}
 
 
@@ -629,13 +626,22 @@ def train_transform(
     hflip: float = 0.5,
     rand_augment: bool = True,
     random_erasing: float = 0.25,
-) -> v2.Compose:
-    """The reference training transform (timm `create_transform` with the VL-LTR configs) in torchvision v2:
-    RandomResizedCrop (bicubic), horizontal flip, RandAugment m9 (timm `rand-m9-mstd0.5-inc1`), CLIP
-    normalisation, RandomErasing p=0.25 with per-pixel random values (timm mode "pixel").
+    augmentation: str = "timm",
+):
+    """The reference training transform (timm `create_transform` with the VL-LTR configs): RandomResizedCrop
+    (bicubic), horizontal flip, RandAugment `rand-m9-mstd0.5-inc1`, CLIP normalisation, RandomErasing p=0.25 with
+    per-pixel random values (mode "pixel").
 
-    Deviation: torchvision's RandAugment has no magnitude noise (timm's mstd 0.5) and samples from its own op list;
-    magnitude 9 of 10 bins keeps timm's strength of 0.9 of the maximum."""
+    `augmentation="timm"` (default) builds it with timm itself (`training.augmentation.timm_train_transform`).
+    `augmentation="torchvision"` is the earlier torchvision v2 approximation, kept as an option: its RandAugment applies
+    both ops always, fills with black, has no magnitude noise and samples from its own op list (magnitude 9 of 10 bins
+    keeps timm's strength of 0.9 of the maximum)."""
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}.")
+    if augmentation == "timm":
+        return timm_train_transform(
+            image_size, CLIP_MEAN, CLIP_STD, tuple(crop_scale), hflip, rand_augment, random_erasing
+        )
     steps = [
         v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=v2.InterpolationMode.BICUBIC),
     ]
