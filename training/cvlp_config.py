@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from .losses import DISTILLATION_FORMS
 from .stage_config import StageConfig
 
 
@@ -15,6 +16,15 @@ class CVLPConfig(StageConfig):
         metadata={
             "help": "β in L = (1 − β)·L_ccl + β·L_dis (reference `distillation_beta` = 0.5, i.e. the paper's "
             "λ = 1 up to a factor 1/2). 0 turns distillation off (the 'w/o L_dis' ablation) and skips the teacher."
+        },
+    )
+    distillation_form: str = field(
+        default="code",
+        metadata={
+            "help": "L_dis: 'code' (the official code's full soft-target cross-entropy, student at its own learned "
+            "scale, teacher at CLIP's 100; the published numbers) or 'paper' (the slides' diagonal form: per direction "
+            "−softmax(s')_ii·log softmax(s)_ii, with the student's learned scale shared by both).",
+            "choices": list(DISTILLATION_FORMS),
         },
     )
     label_smoothing: float = field(
@@ -38,6 +48,10 @@ class CVLPConfig(StageConfig):
     def __post_init__(self):
         if not 0.0 <= self.distillation_beta <= 1.0:
             raise ValueError(f"--distillation_beta must lie in [0, 1], got {self.distillation_beta}.")
+        if self.distillation_form not in DISTILLATION_FORMS:
+            raise ValueError(
+                f"--distillation_form must be one of {DISTILLATION_FORMS}, got {self.distillation_form!r}."
+            )
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"--label_smoothing must lie in [0, 1], got {self.label_smoothing}.")
         super().__post_init__()

@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             "templates": corpus_args.use_templates,
             "text_corpus": corpus_args.text_corpus,
             "distillation_beta": args.distillation_beta,
+            "distillation_form": args.distillation_form,
             "label_smoothing": args.label_smoothing,
             **schedule_settings(args),
         }
