@@ -15,7 +15,14 @@ from training.lgr_config import LGRConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 SCRIPTS = {
     "stage1": (ModelArguments, DataArguments, CorpusArguments, AugmentationArguments, CVLPConfig),
-    "anchors": (ModelArguments, DataArguments, CorpusArguments, run_select_anchors.AnchorArguments, TrainingArguments),
+    "anchors": (
+        ModelArguments,
+        DataArguments,
+        CorpusArguments,
+        run_select_anchors.AnchorArguments,
+        AugmentationArguments,
+        TrainingArguments,
+    ),  # fmt: skip
     "stage2": (ModelArguments, DataArguments, AugmentationArguments, LGRConfig),
 }
 # (stage-1 lr, stage-2 lr, stage-2 epochs, fusion α, vision tower trained in stage 2): method.md §1.5, §3.6, §3.7
@@ -52,6 +59,9 @@ def test_recipes_parse_and_match_the_reference(dataset, tmp_path):
         assert json.loads((CONFIGS / f"{dataset}_vit_b16_{stage}.json").read_text())["bf16"] is True
     if dataset == "inat2018":
         assert stage1.lr_scheduler_kwargs == {"min_lr": 1e-5} and anchors.detach_anchor_norm
+        assert anchors.selection_images == "train" and not anchors.require_selection_file
+    else:  # scored on the LT validation split: refused without it
+        assert anchors.selection_images == "eval" and anchors.require_selection_file
     notes = json.loads((CONFIGS / f"{dataset}_vit_b16_stage1.json").read_text())["_global_batch"]
     assert "128" in notes and "1024" in notes
 

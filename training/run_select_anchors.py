@@ -8,10 +8,13 @@ for ImageNet-LT and Places-LT, and against at most 50 training images per class 
     python -m training.run_select_anchors --model_name_or_path OUT1 --selection_file val.txt --image_root ROOT \
         --class_names classes.txt --text_corpus corpus.json --num_anchor_sentences 64 --output_dir OUT2
 
-Without --selection_file the first --max_images_per_class training images of each class are used:
+Without --selection_file the first --max_images_per_class training images of each class are used (with a warning;
+the ImageNet-LT and Places-LT recipes refuse it). For iNaturalist the reference draws them with the square-root
+sampler, with replacement, through the training augmentation (--selection_images train, the iNaturalist recipe's
+default):
 
     python -m training.run_select_anchors --model_name_or_path OUT1 --train_file train2018.json --image_root ROOT \
-        --text_corpus inat_wiki --max_images_per_class 50 --fusion_alpha 0.7 --output_dir OUT2
+        --text_corpus inat_wiki --max_images_per_class 50 --selection_images train --fusion_alpha 0.7 --output_dir OUT2
 """
 
 from dataclasses import dataclass, field
@@ -19,11 +22,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import AutoTokenizer, TrainingArguments
+from transformers.utils import logging
 
 from modeling_vlltr import VLLTRConfig, VLLTRForImageClassification, VLLTRModel
 
 from .anchors import STRATEGIES, anchor_report, embed_and_select_anchors
 from .arguments import (
+    AugmentationArguments,
     CorpusArguments,
     DataArguments,
     ModelArguments,
@@ -44,9 +49,12 @@ from .cli import (
     run_main,
     setup_logging,
 )
-from .data import ProcessorTransform, build_class_corpus, eval_image_processor, tokenize_corpus
+from .data import ProcessorTransform, build_class_corpus, eval_image_processor, tokenize_corpus, train_transform
 from .embedding import embed_images
 from .io_utils import atomic_write_json, atomic_write_text
+from .selection import SELECTION_IMAGES, TRAINING_IMAGES_WARNING, SampledSelection
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -59,6 +67,22 @@ class AnchorArguments:
     max_images_per_class: int = field(
         default=50,
         metadata={"help": "Without a selection split: the first N training images of each class (reference 50)."},
+    )
+    require_selection_file: bool = field(
+        default=False,
+        metadata={
+            "help": "Refuse to run without --selection_file / --selection_split instead of scoring on training images "
+            "(the ImageNet-LT and Places-LT recipes set it: their published anchors are scored on the validation split)."
+        },
+    )
+    selection_images: str = field(
+        default="eval",
+        metadata={
+            "help": "How the selection images are scored: 'eval' (each once, evaluation transform; the reference for "
+            "ImageNet-LT / Places-LT) or 'train' (one epoch of square-root draws with replacement, each through the "
+            "training augmentation; the reference for iNaturalist, official main.py L422-424).",
+            "choices": list(SELECTION_IMAGES),
+        },
     )
     num_anchor_sentences: int = field(default=64, metadata={"help": "M, anchors kept per class (reference 64)."})
     anchor_selection: str = field(
@@ -87,10 +111,17 @@ def _first_per_class(source, labels: np.ndarray, limit: int):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, corpus_args, anchor_args, args = parse_args(
-        (ModelArguments, DataArguments, CorpusArguments, AnchorArguments, TrainingArguments), argv
+    model_args, data_args, corpus_args, anchor_args, aug_args, args = parse_args(
+        (ModelArguments, DataArguments, CorpusArguments, AnchorArguments, AugmentationArguments, TrainingArguments),
+        argv,
     )
     setup_logging(args)
+    scored_on_training_images = not (anchor_args.selection_file or anchor_args.selection_split)
+    if anchor_args.require_selection_file and scored_on_training_images:
+        raise UsageError(
+            "This recipe needs --selection_file (the LT validation split, e.g. ImageNet_LT_val.txt or "
+            "Places_LT_val.txt): the published anchors are scored on it, not on training images."
+        )
     prepare_output_dir(args, "run_select_anchors")
     hub = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir)
 
@@ -104,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
         names = resolve_class_names(data_args, split_names, checkpoint_class_names(config))
         labels = check_labels(train, len(names), data_args, "training split")
         selection = _first_per_class(train, labels, anchor_args.max_images_per_class)
+        if anchor_args.anchor_selection == "anss":
+            logger.warning(TRAINING_IMAGES_WARNING.format(limit=anchor_args.max_images_per_class))
     class_names = resolve_class_names(data_args, split_names, checkpoint_class_names(config))
     num_classes = len(class_names)
     selection_labels = check_labels(selection, num_classes, data_args, "selection split")
@@ -117,8 +150,28 @@ def main(argv: list[str] | None = None) -> dict:
     )
     max_length = min(77, config.clip_config.text_config.max_position_embeddings)
     tokens = tokenize_corpus(corpus, tokenizer, max_length, corpus_args.token_cache_dir)
-    image_processor = eval_image_processor(config.clip_config.vision_config.image_size)
-    dataset = build_dataset(data_args, selection, ProcessorTransform(image_processor), "selection split")
+    image_size = config.clip_config.vision_config.image_size
+    image_processor = eval_image_processor(image_size)
+    if anchor_args.selection_images == "train":  # the reference iNaturalist selection: sampled, augmented draws
+        augment = train_transform(
+            image_size,
+            (aug_args.crop_scale_min, 1.0),
+            aug_args.hflip,
+            aug_args.rand_augment,
+            aug_args.random_erasing,
+            aug_args.augmentation,
+        )
+        dataset = SampledSelection(build_dataset(data_args, selection, augment, "selection split"), args.seed)
+        selection_labels = dataset.labels
+        undrawn = sorted(set(range(num_classes)) - set(selection_labels.tolist()))
+        if undrawn and anchor_args.anchor_selection == "anss":
+            names = ", ".join(repr(class_names[c]) for c in undrawn[:5])
+            raise UsageError(
+                f"The square-root draws (--seed {args.seed}) picked no image of {len(undrawn)} class(es) ({names}); "
+                f"AnSS needs them: use another --seed or --selection_images eval."
+            )
+    else:
+        dataset = build_dataset(data_args, selection, ProcessorTransform(image_processor), "selection split")
 
     # ---- Score every sentence with the stage-1 model, keep M per class ------------------------------------------------
     stage1 = load_checked("--model_name_or_path", VLLTRModel.from_pretrained, model_args.model_name_or_path, **hub)
@@ -198,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         "selection": anchor_args.selection_file
         or anchor_args.selection_split
         or f"first {anchor_args.max_images_per_class} training images per class",
+        "selection_images": anchor_args.selection_images,
         "text_corpus": corpus_args.text_corpus,
         "templates": corpus_args.use_templates,
         "fusion_alpha": anchor_args.fusion_alpha,
