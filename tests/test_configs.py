@@ -66,7 +66,20 @@ def test_recipes_parse_and_match_the_reference(dataset, tmp_path):
     assert "128" in notes and "1024" in notes
 
 
+def test_384px_recipes_are_the_224px_ones_at_384(tmp_path):
+    for stage, types in SCRIPTS.items():
+        extra = ["--output_dir", str(tmp_path / stage), "--bf16", "False", "--model_name_or_path", "prev"]
+        at_384 = parse_args(types, [str(CONFIGS / f"inat2018_vit_b16_384_{stage}.json"), *extra])
+        at_224 = parse_args(types, [str(CONFIGS / f"inat2018_vit_b16_{stage}.json"), *extra])
+        if stage == "stage1":
+            assert at_384[-1].image_size == 384 and at_224[-1].image_size is None
+            at_384[-1].image_size = None
+        assert at_384 == at_224, stage
+        assert "Cost" in json.loads((CONFIGS / f"inat2018_vit_b16_384_{stage}.json").read_text())["_cost"]
+
+
 def test_every_recipe_file_is_covered():
     names = {p.name for p in CONFIGS.glob("*.json")}
-    assert names == {f"{d}_vit_b16_{s}.json" for d in REFERENCE for s in SCRIPTS}
+    expected = {f"{d}_vit_b16_{s}.json" for d in REFERENCE for s in SCRIPTS}
+    assert names == expected | {f"inat2018_vit_b16_384_{s}.json" for s in SCRIPTS}
     assert run_cvlp.main and run_lgr.main

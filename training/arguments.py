@@ -88,6 +88,10 @@ class CorpusArguments:
     use_templates: bool = field(
         default=True, metadata={"help": "Prepend CLIP's 80 ImageNet prompt templates per class (reference runs)."}
     )
+    drop_duplicate_sentences: bool = field(
+        default=False,
+        metadata={"help": "Remove repeated sentences within a class (the reference keeps them)."},
+    )
     token_cache_dir: str | None = field(
         default=None, metadata={"help": "Cache of the tokenised corpus (default ~/.cache/vlltr or $VLLTR_CACHE)."}
     )

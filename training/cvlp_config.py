@@ -38,6 +38,14 @@ class CVLPConfig(StageConfig):
             "image augmentation) instead of once per batch. Same values, less compute."
         },
     )
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train at this input size (e.g. 384, the paper's best iNaturalist run) instead of the checkpoint's: "
+            "the position embeddings are resampled once (bicubic) and saved, so the output is a plain model of this "
+            "size and the later stages follow it. Default: the checkpoint's size (224 for ViT-B/16)."
+        },
+    )
     learning_rate: float = field(default=3.5e-5, metadata={"help": "AdamW learning rate (reference ViT-B/16)."})
     num_train_epochs: float = field(default=50, metadata={"help": "Epochs (reference 50; iNaturalist 100)."})
     warmup_steps: float = field(
@@ -52,6 +60,8 @@ class CVLPConfig(StageConfig):
             raise ValueError(
                 f"--distillation_form must be one of {DISTILLATION_FORMS}, got {self.distillation_form!r}."
             )
+        if self.image_size is not None and self.image_size <= 0:
+            raise ValueError(f"--image_size must be positive, got {self.image_size}.")
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"--label_smoothing must lie in [0, 1], got {self.label_smoothing}.")
         super().__post_init__()

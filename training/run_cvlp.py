@@ -30,6 +30,7 @@ from .arguments import (
     read_training_split,
 )
 from .cli import (
+    UsageError,
     history_entry,
     load_checked,
     parse_args,
@@ -46,6 +47,7 @@ from .data import (
     build_class_corpus,
     tokenize_corpus,
 )
+from .resolution import resize_image_size
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -60,14 +62,19 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- Data -------------------------------------------------------------------------------------------------------
     config = load_checked("--model_name_or_path", VLLTRConfig.from_pretrained, model_args.model_name_or_path, **hub)
     train_source, class_names, train_labels = read_training_split(data_args, checkpoint_class_names(config))
-    corpus = build_class_corpus(class_names, corpus_args.text_corpus, corpus_args.use_templates)
+    corpus = build_class_corpus(
+        class_names, corpus_args.text_corpus, corpus_args.use_templates, corpus_args.drop_duplicate_sentences
+    )
     tokenizer = load_checked(
         "--model_name_or_path", AutoTokenizer.from_pretrained, model_args.model_name_or_path, **hub
     )
     max_length = min(77, config.clip_config.text_config.max_position_embeddings)
     tokens = tokenize_corpus(corpus, tokenizer, max_length, corpus_args.token_cache_dir)
 
-    image_size = config.clip_config.vision_config.image_size
+    image_size = args.image_size or config.clip_config.vision_config.image_size
+    patch_size = config.clip_config.vision_config.patch_size
+    if image_size % patch_size:
+        raise UsageError(f"--image_size {image_size} must be a multiple of the patch size ({patch_size}).")
     train_dataset, eval_dataset, image_processor = build_training_datasets(
         data_args, aug_args, train_source, len(class_names), image_size
     )
@@ -85,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = None
     if args.distillation_beta > 0:
         teacher = VLLTRModel.from_pretrained(model_args.model_name_or_path, **hub)
+    for clip in (model, teacher) if teacher is not None else (model,):  # both see the same image size
+        resize_image_size(clip, image_size)
 
     # ---- Train --------------------------------------------------------------------------------------------------------
     trainer = CVLPTrainer(
@@ -114,9 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
             "num_train_images": len(train_dataset),
             "num_sentences": len(corpus.sentences),
             "templates": corpus_args.use_templates,
+            "drop_duplicate_sentences": corpus_args.drop_duplicate_sentences,
             "text_corpus": corpus_args.text_corpus,
             "distillation_beta": args.distillation_beta,
             "distillation_form": args.distillation_form,
+            "image_size": image_size,
             "label_smoothing": args.label_smoothing,
             **schedule_settings(args),
         }

@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
     if missing and anchor_args.anchor_selection == "anss":
         names = ", ".join(repr(class_names[c]) for c in missing[:5])
         raise UsageError(f"The selection split has no image of {len(missing)} class(es) ({names}); AnSS needs them.")
-    corpus = build_class_corpus(class_names, corpus_args.text_corpus, corpus_args.use_templates)
+    corpus = build_class_corpus(
+        class_names, corpus_args.text_corpus, corpus_args.use_templates, corpus_args.drop_duplicate_sentences
+    )
     tokenizer = load_checked(
         "--model_name_or_path", AutoTokenizer.from_pretrained, model_args.model_name_or_path, **hub
     )
