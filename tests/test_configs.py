@@ -15,7 +15,14 @@ from training.lgr_config import LGRConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 SCRIPTS = {
     "stage1": (ModelArguments, DataArguments, CorpusArguments, AugmentationArguments, CVLPConfig),
-    "anchors": (ModelArguments, DataArguments, CorpusArguments, run_select_anchors.AnchorArguments, TrainingArguments),
+    "anchors": (
+        ModelArguments,
+        DataArguments,
+        CorpusArguments,
+        run_select_anchors.AnchorArguments,
+        AugmentationArguments,
+        TrainingArguments,
+    ),  # fmt: skip
     "stage2": (ModelArguments, DataArguments, AugmentationArguments, LGRConfig),
 }
 # (stage-1 lr, stage-2 lr, stage-2 epochs, fusion α, vision tower trained in stage 2): docs/method.md §1.5, §3.6, §3.7
@@ -52,11 +59,27 @@ def test_recipes_parse_and_match_the_reference(dataset, tmp_path):
         assert json.loads((CONFIGS / f"{dataset}_vit_b16_{stage}.json").read_text())["bf16"] is True
     if dataset == "inat2018":
         assert stage1.lr_scheduler_kwargs == {"min_lr": 1e-5} and anchors.detach_anchor_norm
+        assert anchors.selection_images == "train" and not anchors.require_selection_file
+    else:  # scored on the LT validation split: refused without it
+        assert anchors.selection_images == "eval" and anchors.require_selection_file
     notes = json.loads((CONFIGS / f"{dataset}_vit_b16_stage1.json").read_text())["_global_batch"]
     assert "128" in notes and "1024" in notes
 
 
+def test_384px_recipes_are_the_224px_ones_at_384(tmp_path):
+    for stage, types in SCRIPTS.items():
+        extra = ["--output_dir", str(tmp_path / stage), "--bf16", "False", "--model_name_or_path", "prev"]
+        at_384 = parse_args(types, [str(CONFIGS / f"inat2018_vit_b16_384_{stage}.json"), *extra])
+        at_224 = parse_args(types, [str(CONFIGS / f"inat2018_vit_b16_{stage}.json"), *extra])
+        if stage == "stage1":
+            assert at_384[-1].image_size == 384 and at_224[-1].image_size is None
+            at_384[-1].image_size = None
+        assert at_384 == at_224, stage
+        assert "Cost" in json.loads((CONFIGS / f"inat2018_vit_b16_384_{stage}.json").read_text())["_cost"]
+
+
 def test_every_recipe_file_is_covered():
     names = {p.name for p in CONFIGS.glob("*.json")}
-    assert names == {f"{d}_vit_b16_{s}.json" for d in REFERENCE for s in SCRIPTS}
+    expected = {f"{d}_vit_b16_{s}.json" for d in REFERENCE for s in SCRIPTS}
+    assert names == expected | {f"inat2018_vit_b16_384_{s}.json" for s in SCRIPTS}
     assert run_cvlp.main and run_lgr.main

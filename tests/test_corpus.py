@@ -39,6 +39,9 @@ def write(path, text: str):
         ("Tools, e.g. This one.", ["Tools, e.g. This one."]),
         ("Written by J. R. R. Tolkien in 1937. A classic.", ["Written by J. R. R. Tolkien in 1937.", "A classic."]),
         ("The U.S. Army grew. It won.", ["The U.S. Army grew.", "It won."]),
+        # as the reference pattern: a capital and a full stop never end a sentence, so neither does an acronym
+        ("Found in the USA. It is rare.", ["Found in the USA. It is rare."]),
+        ("Is it a.b? Yes.", ["Is it a.b? Yes."]),
         ("Pi is 3.14 roughly. Yes.", ["Pi is 3.14 roughly.", "Yes."]),
         ("no full stop at the end", ["no full stop at the end"]),
         ("  padded.   Also padded.  ", ["padded.", "Also padded."]),
@@ -160,12 +163,22 @@ def test_build_class_corpus_removes_duplicates_and_empty_sentences_within_a_clas
             }
         ),
     )
-    corpus = build_class_corpus(["cat", "dog"], path)
+    corpus = build_class_corpus(["cat", "dog"], path, drop_duplicates=True)
     check_layout(
         corpus, [templates_for("cat") + ["A cat.", "Cats purr."], templates_for("dog") + ["A cat.", "Dogs bark."]]
     )
     # "A   cat." and "A cat." repeat "A cat."; "a photo of a cat." repeats a template; "" and "   " are empty
     assert corpus.stats == {"empty_dropped": 2, "duplicates_removed": 3, "template_sentences": 160}
+    # by default duplicates are kept, as the reference `SentPreProcessor` keeps them; empty sentences still go
+    kept = build_class_corpus(["cat", "dog"], path)
+    check_layout(
+        kept,
+        [
+            templates_for("cat") + ["A cat.", "A cat.", "a photo of a cat.", "Cats purr.", "A cat."],
+            templates_for("dog") + ["A cat.", "Dogs bark."],
+        ],
+    )
+    assert kept.stats == {"empty_dropped": 2, "duplicates_removed": 0, "template_sentences": 160}
 
 
 def test_build_class_corpus_from_desc_folder(tmp_path):

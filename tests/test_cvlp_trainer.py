@@ -13,7 +13,7 @@ from training.corpus import build_class_corpus, tokenize_corpus
 from training.cvlp_config import CVLPConfig
 from training.cvlp_trainer import CVLPTrainer
 from training.data import CVLPCollator, train_transform
-from training.losses import class_wise_contrastive_loss, distillation_loss
+from training.losses import class_wise_contrastive_loss, diagonal_distillation_loss, distillation_loss
 from training.splits import ImageDataset, read_class_names, read_image_list
 from training.stage_trainer import NonFiniteLossError
 
@@ -93,6 +93,26 @@ def test_loss_is_the_reference_combination(tiny_clip_dir, stage1_data, tmp_path)
         distillation_loss(student.logits_per_image, teach.logits_per_image)
     )
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_paper_distillation_form_shares_the_students_scale(tiny_clip_dir, stage1_data, tmp_path):
+    trainer = make_trainer(tiny_clip_dir, stage1_data, tmp_path, distillation_beta=0.5, distillation_form="paper")
+    batch = first_batch(trainer, 8)
+    model, teacher = trainer.model, trainer.teacher
+    loss = trainer.compute_loss(model, batch)
+    with torch.no_grad():
+        keys = ("pixel_values", "input_ids", "attention_mask")
+        student = model.clip(**{k: batch[k] for k in keys})
+        teach = teacher.clip(**{k: batch[k] for k in keys})
+    scale = model.clip.logit_scale.exp()
+    cosines = student.logits_per_image / scale
+    teacher_cosines = teach.logits_per_image / teacher.clip.logit_scale.exp()
+    expected = 0.5 * class_wise_contrastive_loss(student.logits_per_image, batch["labels"], 0.1) + 0.5 * (
+        diagonal_distillation_loss(cosines, teacher_cosines, scale)
+    )
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="distillation_form"):
+        CVLPConfig(output_dir=str(tmp_path), distillation_form="slides")
 
 
 def test_without_distillation_no_teacher_is_needed(tiny_clip_dir, stage1_data, tmp_path):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.clip import modeling_clip
 
-from training.losses import class_wise_contrastive_loss, distillation_loss
+from training.losses import class_wise_contrastive_loss, diagonal_distillation_loss, distillation_loss
 
 # transformers renamed `clip_loss` to `image_text_contrastive_loss`; both are CLIP's symmetric cross-entropy.
 clip_symmetric_ce = getattr(modeling_clip, "image_text_contrastive_loss", None) or modeling_clip.clip_loss
@@ -63,6 +63,29 @@ def naive_distillation(s: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         weights = teacher_softmax([t[i][j] for i in range(n)])
         log_probs = naive_log_softmax([s[i, j] for i in range(n)])
         d_t2i = d_t2i - sum(w * lp for w, lp in zip(weights, log_probs))
+    return (d_i2t / n + d_t2i / n) / 2
+
+
+def naive_diagonal_distillation(c: torch.Tensor, teacher_c: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The slides' L_dis from the formula: per direction −softmax(s'[i, :])_i · log softmax(s[i, :])_i averaged over i,
+    s = scale·c, s' = scale·c' (one shared τ = 1/scale), the teacher's weight a constant."""
+    n = c.shape[0]
+    t = teacher_c.detach().tolist()
+    shared = float(scale.detach())
+
+    def teacher_weight(row: list[float], k: int) -> float:
+        top = max(row)
+        exps = [math.exp(shared * (v - top)) for v in row]
+        return exps[k] / sum(exps)
+
+    d_i2t = 0.0
+    for i in range(n):
+        weight = teacher_weight([t[i][j] for j in range(n)], i)
+        d_i2t = d_i2t - weight * naive_log_softmax([scale * c[i, j] for j in range(n)])[i]
+    d_t2i = 0.0
+    for j in range(n):
+        weight = teacher_weight([t[i][j] for i in range(n)], j)
+        d_t2i = d_t2i - weight * naive_log_softmax([scale * c[i, j] for i in range(n)])[j]
     return (d_i2t / n + d_t2i / n) / 2
 
 
@@ -174,6 +197,39 @@ def test_distillation_teacher_gets_no_gradient():
     assert student.grad is not None and student.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("seed,n", [(0, 5), (1, 8), (2, 13)])
+def test_diagonal_distillation_matches_naive_forward_and_backward(seed, n):
+    generator = torch.Generator().manual_seed(200 + seed)
+    cosines = torch.randn(n, n, generator=generator, dtype=torch.float64).tanh()  # (N, N) in (-1, 1)
+    teacher = torch.randn(n, n, generator=generator, dtype=torch.float64).tanh()  # (N, N)
+    grads = []
+    for fn in (diagonal_distillation_loss, naive_diagonal_distillation):
+        leaf = cosines.clone().requires_grad_(True)
+        scale = torch.tensor(14.0 + seed, dtype=torch.float64, requires_grad=True)  # exp(logit_scale)
+        teacher_leaf = teacher.clone().requires_grad_(True)
+        loss = fn(leaf, teacher_leaf, scale)
+        grads.append((loss.detach(), *torch.autograd.grad(loss, [leaf, scale], allow_unused=True)))
+        assert teacher_leaf.grad is None
+    (loss, grad, scale_grad), (ref_loss, ref_grad, ref_scale_grad) = grads
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(scale_grad, ref_scale_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_diagonal_distillation_differs_from_the_code_form_and_is_its_diagonal_part():
+    generator = torch.Generator().manual_seed(3)
+    cosines = torch.randn(6, 6, generator=generator, dtype=torch.float64).tanh()
+    teacher = torch.randn(6, 6, generator=generator, dtype=torch.float64).tanh()
+    paper = diagonal_distillation_loss(cosines, teacher, 20.0)
+    code = distillation_loss(20.0 * cosines, 20.0 * teacher)
+    assert paper < code  # the code form adds the (positive) off-diagonal terms
+    # a teacher whose softmax is the identity makes both forms CLIP's symmetric CE of the student
+    torch.testing.assert_close(
+        diagonal_distillation_loss(cosines, 1e3 * torch.eye(6, dtype=torch.float64), 20.0),
+        clip_symmetric_ce(20.0 * cosines),
+    )
+
+
 def test_input_validation():
     square = torch.zeros(4, 4)
     with pytest.raises(ValueError, match=r"square \(N, N\)"):
@@ -186,3 +242,5 @@ def test_input_validation():
         distillation_loss(torch.zeros(4), torch.zeros(4))
     with pytest.raises(ValueError, match=r"student's shape \(4, 4\)"):
         distillation_loss(square, torch.zeros(5, 5))
+    with pytest.raises(ValueError, match=r"student's shape \(4, 4\)"):
+        diagonal_distillation_loss(square, torch.zeros(5, 5), 10.0)

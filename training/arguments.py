@@ -78,6 +78,10 @@ class CorpusArguments:
     use_templates: bool = field(
         default=True, metadata={"help": "Prepend CLIP's 80 ImageNet prompt templates per class (reference runs)."}
     )
+    drop_duplicate_sentences: bool = field(
+        default=False,
+        metadata={"help": "Remove repeated sentences within a class (the reference keeps them)."},
+    )
     token_cache_dir: str | None = field(
         default=None, metadata={"help": "Cache of the tokenised corpus (default ~/.cache/vlltr or $VLLTR_CACHE)."}
     )
@@ -89,3 +93,11 @@ class AugmentationArguments:
     hflip: float = field(default=0.5, metadata={"help": "Horizontal flip probability (reference 0.5)."})
     rand_augment: bool = field(default=True, metadata={"help": "RandAugment m9 (reference rand-m9-mstd0.5-inc1)."})
     random_erasing: float = field(default=0.25, metadata={"help": "RandomErasing probability (reference 0.25)."})
+    augmentation: str = field(
+        default="timm",
+        metadata={
+            "help": "Library of the training transform: 'timm' (the reference's own create_transform) or "
+            "'torchvision' (an approximation: RandAugment without magnitude noise, both ops always, black fill).",
+            "choices": ["timm", "torchvision"],
+        },
+    )

@@ -54,12 +54,14 @@ IMAGENET_TEMPLATES = [
 DROPPED_SECTIONS = ("references", "external links", "further reading", "bibliography")
 
 # A sentence ends after "." or "?" followed by white space or a capital letter, except after an abbreviation like
-# "e.g." or a single capital letter such as an initial (reference `split_sent`).
-_SENTENCE_END = re.compile(r"(?<!\w\.\w\.)(?<!\b[A-Z]\.)(?<=[.?])(?:\s+|(?=[A-Z]))")
+# "e.g." or a capital letter and a full stop (an initial, and also the end of an acronym: "the USA. It" stays one
+# sentence). This is the reference `SentPreProcessor.split_sent` pattern (`mcloader/preprocess.py` L57-64), verbatim.
+_SENTENCE_END = re.compile(r"(?<!\w\.\w.)(?<!([A-Z][a-z])|([A-Z])\.)(?<=\.|\?)(?=[\sA-Z])", re.X)
 
 
 def split_sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+    # the pattern's groups sit in a negative look-behind: `re.split` returns them as None
+    return [s.strip() for s in _SENTENCE_END.split(text) if s is not None and s.strip()]
 
 
 def wikipedia_text(text: str) -> str:
@@ -153,7 +155,10 @@ def _corpus_from_wiki_dir(folder: Path, class_names: list[str]) -> dict[int, lis
 
 
 def build_class_corpus(
-    class_names: list[str], text_corpus: str | os.PathLike | None = None, use_templates: bool = True
+    class_names: list[str],
+    text_corpus: str | os.PathLike | None = None,
+    use_templates: bool = True,
+    drop_duplicates: bool = False,
 ) -> ClassCorpus:
     """Builds the sentence pool of every class.
 
@@ -163,8 +168,11 @@ def build_class_corpus(
             in the official VL-LTR layout (`desc_<i>.txt` Wikipedia files, optionally under `wiki/`); or `None` /
             `"templates"` for the prompt templates alone (asked for explicitly, since it drops the descriptions).
         use_templates: prepend CLIP's 80 ImageNet prompt templates to every class, as the reference runs do.
+        drop_duplicates: remove repeated sentences within a class. Off by default: the reference
+            (`SentPreProcessor`) keeps them, so a repeated sentence is drawn more often in stage 1 and can fill
+            several anchor slots.
 
-    Empty sentences are dropped and duplicates within a class removed (both counted in `stats`). A class with no
+    Empty sentences are dropped (counted in `stats`, as are duplicates removed). A class with no
     sentence in a given corpus, or a corpus entry for a class that does not exist, is a `DataError`.
     """
     templates_only = text_corpus is None or str(text_corpus) == "templates"
@@ -198,7 +206,7 @@ def build_class_corpus(
             sentence = " ".join(sentence.split())
             if not sentence:
                 stats["empty_dropped"] += 1
-            elif sentence in seen:
+            elif drop_duplicates and sentence in seen:
                 stats["duplicates_removed"] += 1
             else:
                 seen.add(sentence)
@@ -286,6 +294,8 @@ def load_corpus(
 ) -> tuple[ClassCorpus, TokenizedCorpus]:
     """The corpus of `class_names` from --text_corpus / --use_templates, tokenised for a text tower with
     `text_config`: to CLIP's 77 tokens, or fewer when the tower has fewer positions."""
-    corpus = build_class_corpus(class_names, corpus_args.text_corpus, corpus_args.use_templates)
+    corpus = build_class_corpus(
+        class_names, corpus_args.text_corpus, corpus_args.use_templates, corpus_args.drop_duplicate_sentences
+    )
     max_length = min(CLIP_CONTEXT_LENGTH, text_config.max_position_embeddings)
     return corpus, tokenize_corpus(corpus, tokenizer, max_length, corpus_args.token_cache_dir)

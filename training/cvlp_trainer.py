@@ -12,7 +12,7 @@ from .corpus import TokenizedCorpus
 from .data import CVLPCollator
 from .distributed import gather_no_grad, gather_with_grad
 from .embedding import embed_images, embed_texts
-from .losses import class_wise_contrastive_loss, distillation_loss
+from .losses import class_wise_contrastive_loss, diagonal_distillation_loss, distillation_loss
 from .metrics import sentence_retrieval_metrics
 from .stage_trainer import StageTrainer
 
@@ -98,8 +98,14 @@ class CVLPTrainer(StageTrainer):
         loss = loss_ccl
         if teacher is not None:
             teacher_image, teacher_text = (gather_no_grad(t) for t in teacher)  # (N, D) each
-            teacher_logits = self.teacher.clip.logit_scale.exp().float() * teacher_image @ teacher_text.T  # (N, N)
-            loss_dis = distillation_loss(logits_per_image, teacher_logits)
+            teacher_cosines = teacher_image @ teacher_text.T  # (N, N)
+            if self.args.distillation_form == "paper":  # one shared τ: the student's learned scale on both sides
+                loss_dis = diagonal_distillation_loss(
+                    image_embeds @ text_embeds.T, teacher_cosines, logit_scale.float()
+                )
+            else:  # the official code: student at its own scale, teacher at CLIP's fixed one
+                teacher_logits = self.teacher.clip.logit_scale.exp().float() * teacher_cosines  # (N, N)
+                loss_dis = distillation_loss(logits_per_image, teacher_logits)
             loss = (1.0 - beta) * loss_ccl + beta * loss_dis
         self._check_finite(loss)
         self._record(loss_ccl=loss_ccl, loss_dis=loss_dis, logit_scale=logit_scale)

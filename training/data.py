@@ -13,6 +13,7 @@ from transformers import CLIPImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from .arguments import AugmentationArguments
+from .augmentation import AUGMENTATIONS, timm_train_transform
 from .corpus import TokenizedCorpus
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -110,13 +111,22 @@ def train_transform(
     hflip: float = 0.5,
     rand_augment: bool = True,
     random_erasing: float = 0.25,
-) -> v2.Compose:
-    """The reference training transform (timm `create_transform` with the VL-LTR configs) in torchvision v2:
-    RandomResizedCrop (bicubic), horizontal flip, RandAugment m9 (timm `rand-m9-mstd0.5-inc1`), CLIP
-    normalisation, RandomErasing p=0.25 with per-pixel random values (timm mode "pixel").
+    augmentation: str = "timm",
+):
+    """The reference training transform (timm `create_transform` with the VL-LTR configs): RandomResizedCrop
+    (bicubic), horizontal flip, RandAugment `rand-m9-mstd0.5-inc1`, CLIP normalisation, RandomErasing p=0.25 with
+    per-pixel random values (mode "pixel").
 
-    Deviation: torchvision's RandAugment has no magnitude noise (timm's mstd 0.5) and samples from its own op list;
-    magnitude 9 of 10 bins keeps timm's strength of 0.9 of the maximum."""
+    `augmentation="timm"` (default) builds it with timm itself (`training.augmentation.timm_train_transform`).
+    `augmentation="torchvision"` is the earlier torchvision v2 approximation, kept as an option: its RandAugment applies
+    both ops always, fills with black, has no magnitude noise and samples from its own op list (magnitude 9 of 10 bins
+    keeps timm's strength of 0.9 of the maximum)."""
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}.")
+    if augmentation == "timm":
+        return timm_train_transform(
+            image_size, CLIP_MEAN, CLIP_STD, tuple(crop_scale), hflip, rand_augment, random_erasing
+        )
     steps = [
         v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=v2.InterpolationMode.BICUBIC),
     ]
@@ -131,9 +141,14 @@ def train_transform(
 
 
 def train_transform_from_args(aug_args: AugmentationArguments, image_size: int):
-    """`train_transform` with the run's --crop_scale_min, --hflip, --rand_augment and --random_erasing."""
+    """`train_transform` with the run's --crop_scale_min, --hflip, --rand_augment, --random_erasing, --augmentation."""
     return train_transform(
-        image_size, (aug_args.crop_scale_min, 1.0), aug_args.hflip, aug_args.rand_augment, aug_args.random_erasing
+        image_size,
+        (aug_args.crop_scale_min, 1.0),
+        aug_args.hflip,
+        aug_args.rand_augment,
+        aug_args.random_erasing,
+        aug_args.augmentation,
     )
 
 

@@ -89,4 +89,42 @@ def distillation_loss(logits_per_image: torch.Tensor, teacher_logits_per_image: 
     return (distill_i2t + distill_t2i) / 2
 
 
-__all__ = ["class_wise_contrastive_loss", "distillation_loss"]
+def diagonal_distillation_loss(
+    cosines: torch.Tensor, teacher_cosines: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
+    """L_dis in the paper's (slides') form: only the diagonal term per direction, with one shared temperature.
+
+    With c the student's and c' the frozen teacher's (N, N) image-to-sentence cosines on the same batch, and
+    s = c / τ, s' = c' / τ for one shared τ:
+
+        D_i2t = mean_i −softmax(s'[i, :])_i · log_softmax(s[i, :])_i
+        D_t2i = the same on sᵀ and s'ᵀ
+        L_dis = (D_i2t + D_t2i) / 2
+
+    The shared τ is the student's: 1/τ = `logit_scale` = exp(the student's learned logit_scale), applied to both the
+    student's and the teacher's cosines (the teacher's own fixed 100 is not used). The teacher's softmax is a constant
+    target: it is computed from detached cosines and a detached scale, so neither the teacher nor τ receives a
+    gradient through it; τ is trained through the student's log-softmax only. The official code uses the full
+    soft-target form instead (`distillation_loss`), which gave the published numbers. The two directions are averaged,
+    as there. Half-precision inputs are computed in float32. Returns a 0-dim tensor.
+    """
+    _check_square("cosines", cosines)
+    if teacher_cosines.shape != cosines.shape:
+        raise ValueError(
+            f"teacher_cosines must have the student's shape {tuple(cosines.shape)}, got {tuple(teacher_cosines.shape)}"
+        )
+    student = _at_least_float32(cosines)  # (N, N)
+    scale = torch.as_tensor(logit_scale, dtype=student.dtype, device=student.device)
+    teacher = _at_least_float32(teacher_cosines.detach()) * scale.detach()  # s' (N, N)
+    student = student * scale  # s (N, N)
+    weights_i2t = F.softmax(teacher, dim=1).diagonal()  # (N,) softmax(s'[i, :])_i
+    weights_t2i = F.softmax(teacher, dim=0).diagonal()  # (N,) softmax(s'[:, j])_j
+    distill_i2t = -(weights_i2t * F.log_softmax(student, dim=1).diagonal()).mean()
+    distill_t2i = -(weights_t2i * F.log_softmax(student, dim=0).diagonal()).mean()
+    return (distill_i2t + distill_t2i) / 2
+
+
+DISTILLATION_FORMS = ("code", "paper")
+
+
+__all__ = ["DISTILLATION_FORMS", "class_wise_contrastive_loss", "diagonal_distillation_loss", "distillation_loss"]

@@ -21,13 +21,14 @@ from transformers import AutoTokenizer
 from modeling_vlltr import VLLTRConfig, VLLTRModel
 
 from .arguments import AugmentationArguments, CorpusArguments, DataArguments, ModelArguments
-from .cli import load_checked, parse_args, prepare_output_dir, record_run, run_main, setup_logging
+from .cli import UsageError, load_checked, parse_args, prepare_output_dir, record_run, run_main, setup_logging
 from .corpus import load_corpus
 from .cvlp_config import CVLPConfig
 from .cvlp_trainer import CVLPTrainer
 from .data import ProcessorTransform, eval_image_processor, train_transform_from_args
 from .io_utils import DataError
 from .model_card import history_entry, schedule_settings
+from .resolution import resize_image_size
 from .splits import checkpoint_class_names, load_labelled_split
 
 
@@ -57,7 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     corpus, tokens = load_corpus(corpus_args, class_names, tokenizer, config.clip_config.text_config)
 
-    image_size = config.clip_config.vision_config.image_size
+    image_size = args.image_size or config.clip_config.vision_config.image_size
+    patch_size = config.clip_config.vision_config.patch_size
+    if image_size % patch_size:
+        raise UsageError(f"--image_size {image_size} must be a multiple of the patch size ({patch_size}).")
     image_processor = eval_image_processor(image_size)
     train_dataset = train.dataset(train_transform_from_args(aug_args, image_size))
     eval_dataset = evaluation.dataset(ProcessorTransform(image_processor)) if evaluation is not None else None
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = None
     if args.distillation_beta > 0:
         teacher = VLLTRModel.from_pretrained(model_args.model_name_or_path, **hub)
+    for clip in (model, teacher) if teacher is not None else (model,):  # both see the same image size
+        resize_image_size(clip, image_size)
 
     # ---- Train --------------------------------------------------------------------------------------------------------
     trainer = CVLPTrainer(
@@ -103,8 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
             "num_train_images": len(train_dataset),
             "num_sentences": len(corpus.sentences),
             "templates": corpus_args.use_templates,
+            "drop_duplicate_sentences": corpus_args.drop_duplicate_sentences,
             "text_corpus": corpus_args.text_corpus,
             "distillation_beta": args.distillation_beta,
+            "distillation_form": args.distillation_form,
+            "image_size": image_size,
             "label_smoothing": args.label_smoothing,
             **schedule_settings(args),
         }

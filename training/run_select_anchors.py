@@ -16,10 +16,13 @@ run_lgr like the LGR head:
     python -m training.run_select_anchors --model_name_or_path OUT1 --train_file train.txt --image_root ROOT \
         --class_names classes.txt --head_type fc --output_dir OUT2_FC
 
-Without --selection_file the first --max_images_per_class training images of each class are used:
+Without --selection_file the first --max_images_per_class training images of each class are used (with a warning;
+the ImageNet-LT and Places-LT recipes refuse it). For iNaturalist the reference draws them with the square-root
+sampler, with replacement, through the training augmentation (--selection_images train, the iNaturalist recipe's
+default):
 
     python -m training.run_select_anchors --model_name_or_path OUT1 --train_file train2018.json --image_root ROOT \
-        --text_corpus inat_wiki --max_images_per_class 50 --fusion_alpha 0.7 --output_dir OUT2
+        --text_corpus inat_wiki --max_images_per_class 50 --selection_images train --fusion_alpha 0.7 --output_dir OUT2
 
 With --classes, on a classifier checkpoint (e.g. one grown by `training.add_classes`), only the named classes'
 anchors are re-selected with AnSS (the selection split must hold images of them; other classes' images stay in the
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoTokenizer, TrainingArguments
+from transformers.utils import logging
 
 from modeling_vlltr import VLLTRConfig, VLLTRForImageClassification, VLLTRModel
 from modeling_vlltr.configuration_vlltr import DEFAULT_FUSION_ALPHA
@@ -45,7 +49,7 @@ from .anchors import (
     replace_class_anchors,
     restrict_to_classes,
 )
-from .arguments import CorpusArguments, DataArguments, ModelArguments
+from .arguments import AugmentationArguments, CorpusArguments, DataArguments, ModelArguments
 from .cli import (
     UsageError,
     load_checked,
@@ -57,11 +61,14 @@ from .cli import (
     setup_logging,
 )
 from .corpus import load_corpus
-from .data import ProcessorTransform, eval_image_processor
+from .data import ProcessorTransform, eval_image_processor, train_transform_from_args
 from .embedding import embed_images
 from .io_utils import atomic_write_json, atomic_write_text
 from .model_card import history_entry
+from .selection import SELECTION_IMAGES, TRAINING_IMAGES_WARNING, SampledSelection
 from .splits import checkpoint_class_names, load_labelled_split
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -74,6 +81,22 @@ class AnchorArguments:
     max_images_per_class: int = field(
         default=50,
         metadata={"help": "Without a selection split: the first N training images of each class (reference 50)."},
+    )
+    require_selection_file: bool = field(
+        default=False,
+        metadata={
+            "help": "Refuse to run without --selection_file / --selection_split instead of scoring on training images "
+            "(the ImageNet-LT and Places-LT recipes set it: their published anchors are scored on the validation split)."
+        },
+    )
+    selection_images: str = field(
+        default="eval",
+        metadata={
+            "help": "How the selection images are scored: 'eval' (each once, evaluation transform; the reference for "
+            "ImageNet-LT / Places-LT) or 'train' (one epoch of square-root draws with replacement, each through the "
+            "training augmentation; the reference for iNaturalist, official main.py L422-424).",
+            "choices": list(SELECTION_IMAGES),
+        },
     )
     num_anchor_sentences: int = field(default=64, metadata={"help": "M, anchors kept per class (reference 64)."})
     anchor_selection: str = field(
@@ -121,10 +144,17 @@ def _chosen_classes(classes: str | None, class_names: list[str]) -> list[int] | 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, corpus_args, anchor_args, args = parse_args(
-        (ModelArguments, DataArguments, CorpusArguments, AnchorArguments, TrainingArguments), argv
+    model_args, data_args, corpus_args, anchor_args, aug_args, args = parse_args(
+        (ModelArguments, DataArguments, CorpusArguments, AnchorArguments, AugmentationArguments, TrainingArguments),
+        argv,
     )
     setup_logging(args)
+    scored_on_training_images = not (anchor_args.selection_file or anchor_args.selection_split)
+    if anchor_args.require_selection_file and scored_on_training_images:
+        raise UsageError(
+            "This recipe needs --selection_file (the LT validation split, e.g. ImageNet_LT_val.txt or "
+            "Places_LT_val.txt): the published anchors are scored on it, not on training images."
+        )
     prepare_output_dir(args, "run_select_anchors")
     hub = model_args.hub_kwargs
 
@@ -142,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
         if train is None:
             raise UsageError("Give the selection images: --selection_file, or --train_file / --dataset_name.")
         selection = train.first_per_class(anchor_args.max_images_per_class)
+        if anchor_args.anchor_selection == "anss":
+            logger.warning(TRAINING_IMAGES_WARNING.format(limit=anchor_args.max_images_per_class))
     class_names = selection.class_names
     num_classes = len(class_names)
     if anchor_args.head_type == "fc":
@@ -163,11 +195,24 @@ def main(argv: list[str] | None = None) -> dict:
         "--model_name_or_path", AutoTokenizer.from_pretrained, model_args.model_name_or_path, **hub
     )
     corpus, tokens = load_corpus(corpus_args, class_names, tokenizer, config.clip_config.text_config)
-    score_labels = selection.labels
+    image_size = config.clip_config.vision_config.image_size
+    image_processor = eval_image_processor(image_size)
+    if anchor_args.selection_images == "train":  # the reference iNaturalist selection: sampled, augmented draws
+        dataset = SampledSelection(selection.dataset(train_transform_from_args(aug_args, image_size)), args.seed)
+        selection_labels = dataset.labels
+        undrawn = sorted(set(range(num_classes) if chosen is None else chosen) - set(selection_labels.tolist()))
+        if undrawn and anchor_args.anchor_selection == "anss":
+            names = ", ".join(repr(class_names[c]) for c in undrawn[:5])
+            raise UsageError(
+                f"The square-root draws (--seed {args.seed}) picked no image of {len(undrawn)} class(es) ({names}); "
+                f"AnSS needs them: use another --seed or --selection_images eval."
+            )
+    else:
+        dataset = selection.dataset(ProcessorTransform(image_processor))
+        selection_labels = selection.labels
+    score_labels = selection_labels
     if chosen is not None:  # from here on the corpus holds the chosen classes only, labelled 0..K-1
-        corpus, tokens, score_labels = restrict_to_classes(corpus, tokens, selection.labels, chosen)
-    image_processor = eval_image_processor(config.clip_config.vision_config.image_size)
-    dataset = selection.dataset(ProcessorTransform(image_processor))
+        corpus, tokens, score_labels = restrict_to_classes(corpus, tokens, selection_labels, chosen)
 
     # ---- Score every sentence with the stage-1 model, keep M per class ------------------------------------------------
     stage1 = load_checked("--model_name_or_path", VLLTRModel.from_pretrained, model_args.model_name_or_path, **hub)
@@ -231,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
         "strategy": anchor_args.anchor_selection,
         "num_anchor_sentences": anchor_args.num_anchor_sentences,
         "selection": selection.description,
+        "selection_images": anchor_args.selection_images,
         "text_corpus": corpus_args.text_corpus,
         "templates": corpus_args.use_templates,
         "fusion_alpha": anchor_args.fusion_alpha,

@@ -22,6 +22,7 @@ from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
 from .arguments import DataArguments
+from .augmentation import seeded_rngs
 from .io_utils import DataError, check_class_names, read_text_file
 
 logger = logging.get_logger(__name__)
@@ -200,12 +201,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         image = self.load_image(index)
-        if seed is None:
+        with seeded_rngs(seed):  # torch, NumPy and Python `random` (timm's ops use all three), restored afterwards
             pixel_values = self.transform(image)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                pixel_values = self.transform(image)
         return {"pixel_values": pixel_values, "labels": int(self.labels[index]), "sample_seed": seed}
 
 
