@@ -5,7 +5,8 @@ from transformers.utils import logging
 
 from modeling_vlltr.modeling_vlltr import soft_target_cross_entropy
 
-from .data import eval_collator
+from .data import class_counts, eval_collator
+from .losses import log_class_prior, logit_adjusted_cross_entropy
 from .stage_trainer import StageTrainer
 
 logger = logging.get_logger(__name__)
@@ -21,6 +22,8 @@ class LGRTrainer(StageTrainer):
     - Two learning rates: `learning_rate` for the image-branch MLP (and the vision tower), `attention_learning_rate`
       for W_q, W_k and their LayerNorms (the reference `text_lr`).
     - The training collator mixes batches (Mixup / CutMix); evaluation batches are never mixed.
+    - With `logit_adjustment` τ > 0 the image-branch term is the logit-adjusted CE(P_I + τ·log π, y), π from the
+      training dataset's class counts (`train_dataset.labels`); the saved model's logits are not adjusted.
     """
 
     def __init__(self, model=None, args=None, *more, **kwargs):
@@ -31,6 +34,12 @@ class LGRTrainer(StageTrainer):
         clip.logit_scale.requires_grad_(False)
         clip.vision_model.requires_grad_(self.args.train_vision_tower)
         clip.visual_projection.requires_grad_(self.args.train_vision_tower)
+        self.log_prior = None  # log π (C,), only with logit adjustment
+        if self.args.logit_adjustment > 0:
+            if self.train_dataset is None or not hasattr(self.train_dataset, "labels"):
+                raise ValueError("--logit_adjustment needs a training dataset with labels (the class prior).")
+            num_labels = self.model.config.num_labels
+            self.log_prior = log_class_prior(class_counts(self.train_dataset.labels, num_labels))
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         logger.info(f"Stage 2 trains {trainable:,} parameters (vision tower trained: {self.args.train_vision_tower}).")
 
@@ -54,15 +63,24 @@ class LGRTrainer(StageTrainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(pixel_values=inputs["pixel_values"], labels=inputs["labels"])
-        self._check_finite(outputs.loss)
+        labels = inputs["labels"]
+        outputs = model(pixel_values=inputs["pixel_values"], labels=labels)
+        loss = outputs.loss  # L_rec = CE(P_I, y) + CE(P_T, y)
+        if self.log_prior is not None and model.training:
+            # L_rec with the image term logit-adjusted: CE(P_I + τ·log π, y) + CE(P_T, y); evaluation keeps L_rec
+            loss = logit_adjusted_cross_entropy(
+                outputs.image_logits, labels, self.log_prior, self.args.logit_adjustment
+            )
+            if outputs.text_logits is not None:
+                loss = loss + soft_target_cross_entropy(outputs.text_logits, labels)
+            outputs.loss = loss
+        self._check_finite(loss)
         if outputs.text_logits is not None:
-            labels = inputs["labels"]
             self._record(
                 loss_image=soft_target_cross_entropy(outputs.image_logits.detach(), labels),
                 loss_text=soft_target_cross_entropy(outputs.text_logits.detach(), labels),
             )
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return (loss, outputs) if return_outputs else loss
 
     def _with_eval_collator(self, make_loader, *args):
         collator, self.data_collator = self.data_collator, eval_collator

@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
             "mixup_alpha": args.mixup_alpha,
             "cutmix_alpha": args.cutmix_alpha,
             "label_smoothing": args.label_smoothing,
+            "logit_adjustment": args.logit_adjustment,
             **schedule_settings(args),
         }
         entry = history_entry("run_lgr", "lgr", settings, results)
