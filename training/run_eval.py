@@ -5,6 +5,10 @@ accuracy against training-set size, and records the results in the checkpoint's 
     python -m training.run_eval --model_name_or_path OUT3 --test_file test.txt --train_file train.txt \
         --image_root ROOT --output_dir OUT4
 
+`--tta {flip,five_crop,ten_crop}` averages the (fused) probability over several views of each test image (see
+`training/tta.py`: flips, or torchvision's five / ten crops of the resized image); `--tta none` is the plain
+evaluation.
+
 Shot groups follow the standard convention (> 100, 20-100, < 20 training images); `--shot_thresholds official`
 uses the reference code's (>= 100, 21-99, <= 20) and `--shot_logits sum` its summed-logit prediction for them.
 """
@@ -40,6 +44,7 @@ from .cli import (
 from .data import ProcessorTransform, class_counts, eval_image_processor
 from .embedding import predict_logits
 from .metrics import ShotThresholds, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
+from .tta import TTA_MODES, MultiViewTransform, predict_logits_tta
 
 
 @dataclass
@@ -60,6 +65,15 @@ class EvalArguments:
         metadata={
             "help": "Prediction used for the shot groups: 'fused' or 'sum' (P_I + P_T, the reference code's).",
             "choices": ["fused", "sum"],
+        },
+    )
+    tta: str = field(
+        default="none",
+        metadata={
+            "help": "Test-time augmentation: average the fused probability over 'flip' (2 views), 'five_crop' or "
+            "'ten_crop' (torchvision FiveCrop / TenCrop of the resized image, before the centre crop); 'none' = the "
+            "single centre-crop view.",
+            "choices": list(TTA_MODES),
         },
     )
     update_model_card: bool = field(
@@ -97,13 +111,19 @@ def main(argv: list[str] | None = None) -> dict:
         image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path, **hub)
     except (OSError, ValueError):
         image_processor = eval_image_processor(model.config.clip_config.vision_config.image_size)
-    dataset = build_dataset(data_args, test_source, ProcessorTransform(image_processor), "test split")
+    if eval_args.tta == "none":
+        transform = ProcessorTransform(image_processor)
+    else:
+        try:
+            transform = MultiViewTransform(image_processor, eval_args.tta)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    dataset = build_dataset(data_args, test_source, transform, "test split")
 
     # ---- Predict and score --------------------------------------------------------------------------------------------
     model = model.to(args.device).eval()
-    out = predict_logits(
-        model, dataset, args.per_device_eval_batch_size, args.dataloader_num_workers, desc="Evaluating"
-    )
+    predict = predict_logits if eval_args.tta == "none" else predict_logits_tta
+    out = predict(model, dataset, args.per_device_eval_batch_size, args.dataloader_num_workers, desc="Evaluating")
     base = ShotThresholds.from_name(eval_args.shot_thresholds)
     thresholds = ShotThresholds(
         many=eval_args.many_shot_threshold if eval_args.many_shot_threshold is not None else base.many,
@@ -123,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_test_images": len(dataset),
         "thresholds": {"many": thresholds.many, "few": thresholds.few, "inclusive": thresholds.inclusive},
         "shot_logits": eval_args.shot_logits,
+        "tta": eval_args.tta,
         **metrics,
         "per_class": {
             "train_count": counts.tolist(),
@@ -149,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
             "num_test_images": len(dataset),
             **report["thresholds"],
             "shot_logits": eval_args.shot_logits,
+            "tta": eval_args.tta,
             "dataset_tag": eval_args.dataset_tag,
         }
         entry = history_entry("run_eval", "eval", settings, metrics)
