@@ -10,9 +10,10 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from training import run_eval
+from training.cli import run_main
 from training.data import ImageDataset, eval_image_processor, read_image_list
 from training.embedding import predict_logits
-from training.metrics import long_tail_metrics
+from training.metrics import ShotThresholds, long_tail_metrics
 from training.tta import MultiViewTransform, predict_logits_tta
 
 FAST = ["--use_cpu", "--report_to", "none", "--disable_tqdm", "True", "--seed", "0"]
@@ -46,8 +47,6 @@ def test_tta_none_is_the_plain_evaluation_bit_for_bit(checkpoint, lt_dataset, tm
     dataset = ImageDataset(samples, lambda image: processor(images=image, return_tensors="pt")["pixel_values"][0])
     out = predict_logits(model, dataset, batch_size=64)
     counts = [12, 6, 3, 2]
-    from training.metrics import ShotThresholds
-
     expected = long_tail_metrics(
         out["logits"], dataset.labels, counts, ShotThresholds(8, 4, False), out["image_logits"], out["text_logits"]
     )
@@ -110,8 +109,6 @@ def test_ten_crop_run_and_bad_processor(checkpoint, lt_dataset, tmp_path, capfd)
     config = json.load(open(small / "preprocessor_config.json"))
     config["size"] = {"shortest_edge": 24}
     json.dump(config, open(small / "preprocessor_config.json", "w"))
-    from training.cli import run_main
-
     capfd.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run_main(run_eval.main, "run_eval", eval_args(small, lt_dataset, tmp_path / "bad", "--tta", "five_crop"))
