@@ -14,6 +14,7 @@ import transformers
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
+from .adapters import AdapterError
 from .data import DataError
 from .io_utils import atomic_write_json
 from .stage_trainer import CheckpointWriteError, NonFiniteLossError
@@ -71,7 +72,7 @@ def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str]
         result = main(argv)
         _leave_process_group()
         return result
-    except (DataError, UsageError, NonFiniteLossError, CheckpointWriteError) as e:
+    except (DataError, UsageError, NonFiniteLossError, CheckpointWriteError, AdapterError) as e:
         if os.environ.get("VLLTR_DEBUG"):
             raise
         message = " ".join((e.strerror if isinstance(e, CheckpointWriteError) else str(e)).split())

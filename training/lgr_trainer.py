@@ -5,6 +5,7 @@ from transformers.utils import logging
 
 from modeling_vlltr.modeling_vlltr import soft_target_cross_entropy
 
+from .adapters import AdapterError, has_adapters, unfreeze_adapters
 from .data import class_counts, eval_collator
 from .losses import log_class_prior, logit_adjusted_cross_entropy
 from .stage_trainer import StageTrainer
@@ -17,6 +18,8 @@ ATTENTION_PREFIX = "text_branch."
 class LGRTrainer(StageTrainer):
     """Trains a `VLLTRForImageClassification` with `LGRConfig` (reference `finetune.py` / `engine.py`).
 
+    - With LoRA adapters in the vision tower (`training.adapters`), the tower stays frozen and the adapters train
+      at `learning_rate`.
     - The text tower and `logit_scale` are frozen (the text branch uses the stored anchors and the stage-1 τ); the
       vision tower too unless `train_vision_tower` (then it builds no autograd graph at all).
     - Two learning rates: `learning_rate` for the image-branch MLP (and the vision tower), `attention_learning_rate`
@@ -34,6 +37,13 @@ class LGRTrainer(StageTrainer):
         clip.logit_scale.requires_grad_(False)
         clip.vision_model.requires_grad_(self.args.train_vision_tower)
         clip.visual_projection.requires_grad_(self.args.train_vision_tower)
+        adapters = has_adapters(self.model)
+        if adapters:
+            if self.args.train_vision_tower:
+                raise AdapterError(
+                    "--train_vision_tower trains the whole tower; with --peft lora only its adapters train."
+                )
+            unfreeze_adapters(self.model)  # LoRA: the tower stays frozen, its adapters train at `learning_rate`
         self.log_prior = None  # log π (C,), only with logit adjustment
         if self.args.logit_adjustment > 0:
             if self.train_dataset is None or not hasattr(self.train_dataset, "labels"):
@@ -41,7 +51,9 @@ class LGRTrainer(StageTrainer):
             num_labels = self.model.config.num_labels
             self.log_prior = log_class_prior(class_counts(self.train_dataset.labels, num_labels))
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        logger.info(f"Stage 2 trains {trainable:,} parameters (vision tower trained: {self.args.train_vision_tower}).")
+        total = sum(p.numel() for p in self.model.parameters())
+        tower = "LoRA adapters" if adapters else ("trained" if self.args.train_vision_tower else "frozen")
+        logger.info(f"Stage 2 trains {trainable:,} of {total:,} parameters (vision tower: {tower}).")
 
     def create_optimizer(self, model=None):
         model = model if model is not None else self.model

@@ -1,7 +1,8 @@
 """Stage 2 of VL-LTR: train the language-guided recognition (LGR) head on the checkpoint from anchor selection.
 
 L_rec = CE(P_I, y) + CE(P_T, y) on Mixup / CutMix targets with label smoothing, square-root sampling, the vision
-tower frozen (reference ImageNet-LT / Places-LT; --train_vision_tower for iNaturalist).
+tower frozen (reference ImageNet-LT / Places-LT; --train_vision_tower for iNaturalist). `--peft lora` adapts the
+tower with LoRA instead (`training/adapters.py`); `--logit_adjustment 1` trains P_I with the logit-adjusted loss.
 
     python -m training.run_lgr --model_name_or_path OUT2 --train_file train.txt --image_root ROOT --output_dir OUT3
 
@@ -16,6 +17,7 @@ from transformers import AutoTokenizer
 
 from modeling_vlltr import VLLTRForImageClassification
 
+from .adapters import ADAPTER_DIR, AdapterArguments, adapter_settings, add_lora, save_adapter
 from .arguments import (
     AugmentationArguments,
     DataArguments,
@@ -45,8 +47,8 @@ from .metrics import LongTailMetrics
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, aug_args, args = parse_args(
-        (ModelArguments, DataArguments, AugmentationArguments, LGRConfig), argv
+    model_args, data_args, aug_args, adapter_args, args = parse_args(
+        (ModelArguments, DataArguments, AugmentationArguments, AdapterArguments, LGRConfig), argv
     )
     setup_logging(args)
     resume = prepare_output_dir(args, "run_lgr")
@@ -62,6 +64,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"--model_name_or_path {model_args.model_name_or_path} has no anchor sentences: run "
             f"python -m training.run_select_anchors on the stage-1 output first."
         )
+
+    if adapter_args.peft == "lora":
+        if args.train_vision_tower:
+            raise UsageError("--peft lora adapts the frozen vision tower; drop --train_vision_tower.")
+        add_lora(model, adapter_args, towers=("vision",), seed=args.seed)
 
     # ---- Data ---------------------------------------------------------------------------------------------------------
     train_source, class_names, train_labels = read_training_split(data_args, checkpoint_class_names(model.config))
@@ -88,9 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
     if eval_dataset is not None:
         results.update(trainer.evaluate())
 
-    # ---- Save ---------------------------------------------------------------------------------------------------------
+    # ---- Save (adapters merged) ----------------------------------------------------------------------------------------
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
+        if adapter_args.save_adapter:
+            save_adapter(model, f"{args.output_dir}/{ADAPTER_DIR}", model_args.model_name_or_path)
         try:
             AutoTokenizer.from_pretrained(model_args.model_name_or_path, **hub).save_pretrained(args.output_dir)
         except (OSError, ValueError):
@@ -105,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
             "cutmix_alpha": args.cutmix_alpha,
             "label_smoothing": args.label_smoothing,
             "logit_adjustment": args.logit_adjustment,
+            **adapter_settings(adapter_args, model),
             **schedule_settings(args),
         }
         entry = history_entry("run_lgr", "lgr", settings, results)
