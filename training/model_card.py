@@ -30,6 +30,12 @@ STAGE_TEXT = {
         "The image-branch MLP and the anchor attention are trained with L_rec = CE(P_I, y) + CE(P_T, y) on "
         "Mixup / CutMix targets; at test time P = α·softmax(P_I) + (1 − α)·softmax(P_T).",
     ),
+    "lift": (
+        "LIFT-style fine-tuning (a peer of VL-LTR)",
+        "LoRA adapters in the frozen CLIP image tower and a cosine classifier s·cos(E_I, w_c), initialised from the "
+        "class-name prompt embeddings, trained with the logit-adjusted loss CE(z + τ·log π, y) (Shi et al., ICML "
+        "2024); the classifier's logits are the prediction.",
+    ),
 }
 
 
@@ -90,7 +96,7 @@ def build_model_card(
 ) -> ModelCard:
     stages = {entry["stage"]: entry for entry in history}
     base_model = history[0]["settings"].get("model_name_or_path") if history else None
-    classifier = "lgr" in stages or "anss" in stages or getattr(config, "head_type", None) == "fc"
+    classifier = "lgr" in stages or "anss" in stages or getattr(config, "head_type", None) in ("fc", "cosine")
     repo = hub_model_id or f"<your-org>/{folder_name}"
     num_classes = config.num_labels
     dataset_tag = stages.get("eval", {}).get("settings", {}).get("dataset_tag")
@@ -136,6 +142,8 @@ def build_model_card(
         summary = f"A VL-LTR image classifier over {num_classes} classes" + (
             ", trained through both stages."
             if "lgr" in stages
+            else ": the LIFT-style peer (cosine head on a LoRA-adapted CLIP image tower)."
+            if "lift" in stages
             else ", after anchor sentence selection: its image-branch MLP is not trained yet (run `training.run_lgr`)."
         )
     else:
@@ -151,7 +159,7 @@ def build_model_card(
             "anchor sentence selection (`training.run_select_anchors`). It also works as a CLIP for zero-shot use."
         )
     stage_list = []
-    for key in ("cvlp", "anss", "lgr"):
+    for key in ("cvlp", "anss", "lgr", "lift"):
         if key in stages:
             heading, description = STAGE_TEXT[key]
             entry = stages[key]
