@@ -51,20 +51,22 @@ class _KillAfterSave(TrainerCallback):
             raise _Killed
 
 
-def _lgr_trainer(anchors_dir, lt_dataset, out, max_steps):
+def _lgr_trainer(anchors_dir, lt_dataset, out, max_steps, **overrides):
     model = VLLTRForImageClassification.from_pretrained(anchors_dir)
     add_lora(model, AdapterArguments(peft="lora", lora_r=4), towers=("vision",), seed=0)
     train = ImageDataset(read_image_list(lt_dataset["train"], lt_dataset["root"], 4), train_transform(32))
     args = LGRConfig(
         output_dir=str(out), use_cpu=True, report_to="none", per_device_train_batch_size=4, max_steps=max_steps,
         save_strategy="steps", save_steps=2, learning_rate=5e-2, seed=0, disable_tqdm=True, logging_steps=1,
+        **overrides,
     )  # fmt: skip
     collator = MixupCutmixCollator(4, args.mixup_alpha, args.cutmix_alpha, label_smoothing=0.1)
     return LGRTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
 
 
 def test_trainable_parameters_are_the_adapters_and_the_head(anchors_dir, lt_dataset, tmp_path, caplog):
-    trainer = _lgr_trainer(anchors_dir, lt_dataset, tmp_path, 1)  # LoRA on the vision tower, LGRTrainer's freezing
+    # LoRA on the vision tower, LGRTrainer's freezing, the adapters at their own learning rate
+    trainer = _lgr_trainer(anchors_dir, lt_dataset, tmp_path, 1, adapter_learning_rate=3e-3)
     model = trainer.model
     head = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("image_branch.", "text_branch.")))
     vision = model.config.clip_config.vision_config
@@ -79,7 +81,10 @@ def test_trainable_parameters_are_the_adapters_and_the_head(anchors_dir, lt_data
     optimizer = trainer.create_optimizer()
     in_groups = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     assert sum(p.numel() for p in model.parameters() if id(p) in in_groups) == trainable
-    assert all(in_groups[id(p)] == 5e-2 for n, p in model.named_parameters() if ".lora_" in n)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            lr = 3e-3 if ".lora_" in name else 1e-6 if name.startswith("text_branch.") else 5e-2
+            assert in_groups[id(param)] == lr, name
 
 
 def test_stage1_adapts_both_towers():

@@ -18,6 +18,10 @@ class LGRConfig(StageConfig):
             "is 1e-6, which keeps them near their identity initialisation."
         },
     )
+    adapter_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the LoRA adapters with --peft lora (default: `learning_rate`)."},
+    )
     train_vision_tower: bool = field(
         default=False,
         metadata={"help": "Train the CLIP vision tower at `learning_rate` (reference: iNaturalist only)."},
@@ -48,4 +52,6 @@ class LGRConfig(StageConfig):
         for name in ("mixup_prob", "mixup_switch_prob", "label_smoothing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name} must lie in [0, 1], got {getattr(self, name)}.")
+        if self.adapter_learning_rate is not None and self.adapter_learning_rate < 0:
+            raise ValueError(f"--adapter_learning_rate must be >= 0, got {self.adapter_learning_rate}.")
         super().__post_init__()

@@ -19,7 +19,7 @@ class LGRTrainer(StageTrainer):
     """Trains a `VLLTRForImageClassification` with `LGRConfig` (reference `finetune.py` / `engine.py`).
 
     - With LoRA adapters in the vision tower (`training.adapters`), the tower stays frozen and the adapters train
-      at `learning_rate`.
+      at `adapter_learning_rate` (default `learning_rate`).
     - The text tower and `logit_scale` are frozen (the text branch uses the stored anchors and the stage-1 τ); the
       vision tower too unless `train_vision_tower` (then it builds no autograd graph at all).
     - Two learning rates: `learning_rate` for the image-branch MLP (and the vision tower), `attention_learning_rate`
@@ -66,6 +66,8 @@ class LGRTrainer(StageTrainer):
                 lr = (
                     self.args.attention_learning_rate if name.startswith(ATTENTION_PREFIX) else self.args.learning_rate
                 )
+                if ".lora_" in name and self.args.adapter_learning_rate is not None:
+                    lr = self.args.adapter_learning_rate  # LoRA adapters in the vision tower
                 weight_decay = self.args.weight_decay if name in decay else 0.0
                 groups.setdefault((lr, weight_decay), []).append(param)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
