@@ -13,8 +13,7 @@ practitioner would otherwise use.
    later step is the same code.
 3. Stage 1, anchor selection, stage 2 and evaluation through the entry points of the CLI scripts.
 4. Baselines on the same splits: zero-shot CLIP with the 80 class prompts, and CLIP fine-tuned with a plain linear
-   classifier and cross-entropy; and the parameter-efficient runs: VL-LTR's stage 2 with LoRA adapters in the image
-   tower (`run_lgr --peft lora`, same anchors) and the LIFT-style peer (`run_lift`, 10% of VL-LTR's epochs).
+   classifier and cross-entropy.
 5. One table (overall / many / medium / few top-1), `results.json`, `per_class_accuracy.png`, the anchor report and
    the final checkpoint with its model card; then the stock `pipeline("image-classification")` on a few test images.
 """
@@ -37,7 +36,7 @@ from transformers.utils.logging import tqdm
 
 from modeling_vlltr import VLLTRConfig, VLLTRForImageClassification, VLLTRModel
 
-from . import run_cvlp, run_eval, run_lgr, run_lift, run_select_anchors
+from . import run_cvlp, run_eval, run_lgr, run_select_anchors
 from .cli import UsageError, load_new_head, run_main
 from .data import (
     ImageDataset,
@@ -321,49 +320,21 @@ def main(argv: list[str] | None = None) -> dict:
     zero_shot = long_tail_metrics(zs_logits, zs_labels, counts, THRESHOLDS)
     timings["evaluation"] = time.time() - start - sum(timings.values())
 
-    # Parameter-efficient runs on the same splits: VL-LTR's stage 2 with LoRA in the frozen image tower (the same
-    # anchors), and the LIFT-style peer from the same CLIP (LoRA, cosine head from the prompts, logit-adjusted CE)
-    # with 10% of VL-LTR's 30 + 50 epochs.
-    lora = ["--peft", "lora", "--lora_r", "8", "--lora_alpha", "16"]
-    run_lgr.main(
-        ["--model_name_or_path", str(out / "anchors"), "--train_file", data["train"], "--output_dir",
-         str(out / "vlltr_lora"), "--num_train_epochs", "50", "--per_device_train_batch_size", "64",
-         "--learning_rate", "3e-3", "--adapter_learning_rate", "1e-3", *lora, *augment, *common]
-    )  # fmt: skip
-    vlltr_lora = run_eval.main(
-        ["--model_name_or_path", str(out / "vlltr_lora"), "--output_dir", str(out / "eval_vlltr_lora"), *evaluate]
-    )
-    timings["vlltr_lora_stage2"] = time.time() - start - sum(timings.values())
-    run_lift.main(
-        ["--model_name_or_path", clip, "--train_file", data["train"], "--output_dir", str(out / "lift"),
-         "--num_train_epochs", "8", "--per_device_train_batch_size", "64", *lora, *augment, *common]
-    )  # fmt: skip
-    lift = run_eval.main(
-        ["--model_name_or_path", str(out / "lift"), "--output_dir", str(out / "eval_lift"), *evaluate]
-    )
-    timings["lift"] = time.time() - start - sum(timings.values())
-
     _banner("5/6", "Results")
     rows = {
         "Zero-shot CLIP (80 prompts)": _row(zero_shot),
         "CLIP + linear classifier, CE": _row(linear),
         "VL-LTR": _row(vlltr),
-        "VL-LTR, stage 2 with LoRA": _row(vlltr_lora),
-        "LIFT-style (LoRA, cosine head, LA loss)": _row(lift),
     }
     per_class = {
         "Zero-shot CLIP": np.asarray(zero_shot["per_class_top1"], dtype=float),
         "CLIP + linear, CE": np.asarray(linear["per_class"]["top1"], dtype=float),
         "VL-LTR": np.asarray(vlltr["per_class"]["top1"], dtype=float),
-        "VL-LTR + LoRA": np.asarray(vlltr_lora["per_class"]["top1"], dtype=float),
-        "LIFT-style": np.asarray(lift["per_class"]["top1"], dtype=float),
     }
     table = _table(rows)
     print(table)
     print(f"VL-LTR branches alone, overall top-1: image {100 * vlltr['image_top1']:.1f}, "
           f"text {100 * vlltr['text_top1']:.1f}")  # fmt: skip
-    print(f"Training seconds: VL-LTR (stage 1 + anchors + stage 2) {timings['vlltr']:.0f}, its stage 2 with LoRA "
-          f"{timings['vlltr_lora_stage2']:.0f} (incl. evaluation), LIFT-style {timings['lift']:.0f} (incl. evaluation)")  # fmt: skip
     plot_per_class_accuracy(per_class, counts, out / "per_class_accuracy.png", THRESHOLDS,
                             title="Long-tailed digits: per-class top-1 against training images")  # fmt: skip
     shutil.copy(out / "anchors" / "anchor_report.md", out / "anchor_report.md")
