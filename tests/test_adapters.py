@@ -208,3 +208,30 @@ def test_merged_state_dict_equals_peft_merge_and_unload():
     with torch.no_grad():
         x = random_pixels(2)
         torch.testing.assert_close(plain(x).logits, reference(x).logits, rtol=0, atol=1e-5)
+
+
+def test_stage1_lora_run_saves_a_plain_merged_clip(tiny_clip_dir, lt_dataset, tmp_path):
+    out = tmp_path / "stage1"
+    run_cvlp.main(
+        ["--model_name_or_path", tiny_clip_dir, "--train_file", lt_dataset["train"], "--image_root", lt_dataset["root"],
+         "--class_names", lt_dataset["classes"], "--text_corpus", lt_dataset["corpus"], "--output_dir", str(out),
+         "--max_steps", "2", "--per_device_train_batch_size", "8", "--learning_rate", "5e-2", "--peft", "lora",
+         "--lora_r", "2", "--save_adapter", "True", *FAST]
+    )  # fmt: skip
+    weights = load_file(out / "model.safetensors")
+    assert not any("lora_" in k or "base_layer" in k for k in weights)
+    base = VLLTRModel.from_pretrained(tiny_clip_dir).state_dict()
+    for tower in ("vision_model", "text_model"):  # both towers adapted: q/v merged, everything else untouched
+        q = f"clip.{tower}.encoder.layers.0.self_attn.q_proj.weight"
+        k = f"clip.{tower}.encoder.layers.0.self_attn.k_proj.weight"
+        assert not torch.equal(weights[q], base[q]) and torch.equal(weights[k], base[k]), tower
+    assert torch.equal(weights["clip.logit_scale"], base["clip.logit_scale"]), "τ frozen with --peft lora"
+    assert torch.equal(weights["clip.visual_projection.weight"], base["clip.visual_projection.weight"])
+    model = VLLTRModel.from_pretrained(out)  # a plain stage-1 checkpoint, as run_select_anchors reads it
+    assert type(model) is VLLTRModel
+    adapter = PeftModel.from_pretrained(VLLTRModel.from_pretrained(tiny_clip_dir), out / "adapter").eval()
+    x = random_pixels(2)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.eval().get_image_features(x), adapter.get_image_features(x), rtol=0, atol=1e-5
+        )
