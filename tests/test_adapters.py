@@ -235,3 +235,16 @@ def test_stage1_lora_run_saves_a_plain_merged_clip(tiny_clip_dir, lt_dataset, tm
         torch.testing.assert_close(
             model.eval().get_image_features(x), adapter.get_image_features(x), rtol=0, atol=1e-5
         )
+
+
+def test_lora_with_a_trained_tower_is_one_line(anchors_dir, lt_dataset, tmp_path, capfd):
+    argv = ["--model_name_or_path", str(anchors_dir), "--train_file", lt_dataset["train"], "--image_root",
+            lt_dataset["root"], "--output_dir", str(tmp_path / "out"), "--peft", "lora", "--train_vision_tower",
+            "True", *FAST]  # fmt: skip
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(run_lgr.main, "run_lgr", argv)
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("run_lgr: error:")]
+    assert exit_info.value.code == 2 and len(lines) == 1 and "--train_vision_tower" in lines[0]
+    with pytest.raises(ValueError, match="--save_adapter needs --peft lora"):
+        AdapterArguments(save_adapter=True)
