@@ -22,6 +22,7 @@ CASES = [  # (module, arguments)
     ("stage1", []),
     ("anchor_selection", []),
     ("stage2", []),
+    ("stage2_lora", []),
 ]
 
 

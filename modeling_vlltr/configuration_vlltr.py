@@ -11,7 +11,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-HEAD_TYPES = ("lgr", "fc")
+HEAD_TYPES = ("lgr", "fc", "cosine")
 
 
 # Test-time fusion weight α of the ImageNet-LT and Places-LT reference runs (official `configs/*/finetune/*.py`).
@@ -42,9 +42,13 @@ class VLLTRConfig(PreTrainedConfig):
         head_type (`str`, *optional*, defaults to `"lgr"`):
             `"lgr"`: the language-guided recognition head (image branch P_I plus anchor-attention text branch P_T).
             `"fc"`: a single linear classifier on the image embedding E_I (the paper's FC-head ablation).
+            `"cosine"`: a cosine classifier `s·cos(E_I, w_c)` (LIFT, Shi et al., ICML 2024), usually initialised
+            from the class-name prompt embeddings; its logits are the prediction (no text branch, no anchors).
         detach_anchor_norm (`bool`, *optional*, defaults to `False`):
             Divide the aggregated text embedding G by its norm with the norm detached from the graph (the reference
             code's `v_detach` variant, used for iNaturalist). Forward values are unchanged; only gradients differ.
+        cosine_scale (`float`, *optional*, defaults to 25.0):
+            s, the fixed scale of the cosine head (`head_type="cosine"`); LIFT's default is 25.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal used for the image-branch MLP and the FC head.
         anchor_sentences (`list[list[str]]`, *optional*):
@@ -85,6 +89,7 @@ class VLLTRConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     anchor_sentences: list[list[str]] | None = None
     text_only_classes: list[int] | None = None
+    cosine_scale: float = 25.0
 
     def __post_init__(self, **kwargs):
         if self.clip_config is None:
@@ -111,6 +116,11 @@ class VLLTRConfig(PreTrainedConfig):
             raise ValueError(f"VLLTRConfig.head_type must be one of {HEAD_TYPES}, got {self.head_type!r}.")
         if not isinstance(self.detach_anchor_norm, bool):
             raise ValueError(f"VLLTRConfig.detach_anchor_norm must be True or False, got {self.detach_anchor_norm!r}.")
+        if isinstance(self.cosine_scale, bool) or not isinstance(self.cosine_scale, (int, float)):
+            raise ValueError(f"VLLTRConfig.cosine_scale must be a number > 0, got {self.cosine_scale!r}.")
+        if not self.cosine_scale > 0:
+            raise ValueError(f"VLLTRConfig.cosine_scale must be > 0, got {self.cosine_scale}.")
+        self.cosine_scale = float(self.cosine_scale)
         if self.num_labels < 1:
             raise ValueError(f"VLLTRConfig needs at least one class (id2label), got num_labels={self.num_labels}.")
         if self.anchor_sentences is not None:

@@ -152,6 +152,23 @@ class VLLTRImageBranch(nn.Module):
         return self.fc2(self.act(self.fc1(image_embeds)))  # (B, C)
 
 
+class VLLTRCosineClassifier(nn.Module):
+    """logits = s·cos(E_I, w_c) for every class c: the cosine classifier of LIFT (Shi et al., ICML 2024,
+    `CosineClassifier`), with a fixed scale s = `config.cosine_scale`. `weight` (C, D) lives in CLIP's joint space, so
+    it can start as the normalised class-name prompt embeddings (zero-shot CLIP up to the scale). Deviation from
+    LIFT, which classifies the pre-projection image feature with the text embeddings mapped back through the image
+    projection: here E_I is the projected embedding and w_c the text embedding itself."""
+
+    def __init__(self, config: VLLTRConfig):
+        super().__init__()
+        self.scale = config.cosine_scale
+        self.weight = nn.Parameter(torch.empty(config.num_labels, config.projection_dim))  # (C, D)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        image_unit = F.normalize(image_embeds, dim=-1)  # (B, D)
+        return self.scale * image_unit @ F.normalize(self.weight, dim=-1).to(image_unit.dtype).T  # (B, C)
+
+
 class VLLTRTextBranch(nn.Module):
     r"""
     The language-guided text branch P_T of the LGR head (paper Eq. for G and P_T; reference `Attention`/`Block`):
@@ -387,6 +404,8 @@ class VLLTRPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, VLLTRCosineClassifier):
+            init.normal_(module.weight, std=std)
         elif isinstance(module, VLLTRForImageClassification) and module.config.head_type == "lgr":
             # reference `_init_weights`: W_q and W_k start as the identity (runs after the leaves' normal init)
             init.eye_(module.text_branch.query_proj.weight)
@@ -474,7 +493,8 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
     log P, so `pipeline("image-classification")` reports P.
 
     With `config.head_type == "fc"` the head is a single linear classifier on E_I (the paper's FC ablation) and
-    there are no anchors.
+    there are no anchors. With `config.head_type == "cosine"` it is LIFT's cosine classifier `s·cos(E_I, w_c)`
+    ([`VLLTRCosineClassifier`]), whose logits are the prediction.
     """
 
     input_modalities = ("image",)
@@ -490,6 +510,8 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
             self.text_branch = VLLTRTextBranch(config)
             self.register_buffer("anchor_text_embeds", torch.zeros(num_labels, num_anchors, dim))  # V = E_T (C, M, D)
             self.register_buffer("anchor_mask", torch.zeros(num_labels, num_anchors, dtype=torch.bool))  # (C, M)
+        elif config.head_type == "cosine":
+            self.classifier = VLLTRCosineClassifier(config)  # s·cos(E_I, w_c), LIFT's head
         else:
             self.classifier = nn.Linear(dim, num_labels)
         self._anchors_checked = False
@@ -875,7 +897,7 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
         if labels is not None:
             _check_labels(labels, image_embeds.shape[0], self.config.num_labels)
 
-        if self.config.head_type == "fc":
+        if self.config.head_type in ("fc", "cosine"):
             logits = self.classifier(image_embeds)  # (B, C)
             loss = soft_target_cross_entropy(logits, labels) if labels is not None else None
             return VLLTRImageClassifierOutput(loss=loss, logits=logits, image_logits=logits, image_embeds=image_embeds)
@@ -898,6 +920,7 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
 
 
 __all__ = [
+    "VLLTRCosineClassifier",
     "VLLTRForImageClassification",
     "VLLTRImageClassifierOutput",
     "VLLTRModel",

@@ -7,10 +7,12 @@ import pytest
 from transformers import TrainingArguments
 
 from training import run_cvlp, run_lgr, run_select_anchors
+from training.adapters import AdapterArguments
 from training.arguments import AugmentationArguments, CorpusArguments, DataArguments, ModelArguments
 from training.cli import parse_args
 from training.cvlp_config import CVLPConfig
 from training.lgr_config import LGRConfig
+from training.lift_config import LIFTArguments, LIFTConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 SCRIPTS = {
@@ -78,8 +80,50 @@ def test_384px_recipes_are_the_224px_ones_at_384(tmp_path):
         assert "Cost" in json.loads((CONFIGS / f"inat2018_vit_b16_384_{stage}.json").read_text())["_cost"]
 
 
+# the parameter-efficient recipes (run_cvlp / run_lgr --peft lora) and the LIFT-style peer (run_lift)
+PEFT_SCRIPTS = {
+    "peft_stage1": (
+        ModelArguments,
+        DataArguments,
+        CorpusArguments,
+        AugmentationArguments,
+        AdapterArguments,
+        CVLPConfig,
+    ),
+    "peft_stage2": (ModelArguments, DataArguments, AugmentationArguments, AdapterArguments, LGRConfig),
+    "lift": (ModelArguments, DataArguments, AugmentationArguments, LIFTArguments, LIFTConfig),
+}
+LIFT_EPOCHS = {"imagenet_lt": 10, "places_lt": 10, "inat2018": 20}  # shijxcs/LIFT run_tab1to4_main_results.sh
+
+
+@pytest.mark.parametrize("dataset", list(REFERENCE))
+def test_peft_and_lift_recipes_parse(dataset, tmp_path):
+    parsed = {}
+    for stage, types in PEFT_SCRIPTS.items():
+        extra = ["--output_dir", str(tmp_path / stage), "--bf16", "False"]
+        if stage == "peft_stage2":
+            extra += ["--model_name_or_path", "prev"]
+        parsed[stage] = parse_args(types, [str(CONFIGS / f"{dataset}_vit_b16_{stage}.json"), *extra])
+    stage1, stage2 = parsed["peft_stage1"], parsed["peft_stage2"]
+    reference1 = parse_args(SCRIPTS["stage1"], [str(CONFIGS / f"{dataset}_vit_b16_stage1.json"), "--output_dir", "x",
+                                                "--bf16", "False"])[-1]  # fmt: skip
+    reference2 = parse_args(SCRIPTS["stage2"], [str(CONFIGS / f"{dataset}_vit_b16_stage2.json"), "--output_dir", "x",
+                                                "--bf16", "False", "--model_name_or_path", "prev"])[-1]  # fmt: skip
+    for (adapters, args), reference in ((stage1[-2:], reference1), (stage2[-2:], reference2)):
+        assert adapters.peft == "lora" and adapters.target_modules == ["q_proj", "v_proj"] and adapters.save_adapter
+        assert args.num_train_epochs == reference.num_train_epochs // 10, "10% of the reference epochs"
+        assert args.per_device_train_batch_size * 1 * args.gradient_accumulation_steps == 1024, "one GPU, same batch"
+    assert not stage2[-1].train_vision_tower and stage2[-1].adapter_learning_rate > 0
+    lift_args, lift = parsed["lift"][-2:]
+    assert lift_args.peft == "lora" and lift_args.cosine_scale == 25.0 and lift_args.templates == ["a photo of a {}."]
+    assert lift.num_train_epochs == LIFT_EPOCHS[dataset] and lift.logit_adjustment == 1.0
+    assert lift.optim == "sgd" and lift.learning_rate == 0.01 and lift.weight_decay == 5e-4
+    assert lift.mixup_alpha == lift.cutmix_alpha == lift.label_smoothing == 0.0 and lift.sampling == "instance"
+    assert not parsed["lift"][2].rand_augment
+
+
 def test_every_recipe_file_is_covered():
     names = {p.name for p in CONFIGS.glob("*.json")}
-    expected = {f"{d}_vit_b16_{s}.json" for d in REFERENCE for s in SCRIPTS}
+    expected = {f"{d}_vit_b16_{s}.json" for d in REFERENCE for s in (*SCRIPTS, *PEFT_SCRIPTS)}
     assert names == expected | {f"inat2018_vit_b16_384_{s}.json" for s in SCRIPTS}
     assert run_cvlp.main and run_lgr.main

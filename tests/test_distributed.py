@@ -207,6 +207,9 @@ def runs(tiny_clip_dir, anchors_dir, data, tmp_path_factory):
         "s2_bf16": torchrun() + stage2 + batch(4) + ["--bf16"],
         "s2_tower_ref": python() + stage2 + batch(8) + ["--train_vision_tower"],
         "s2_tower_accum_ckpt": torchrun() + stage2 + batch(2, 2) + ["--train_vision_tower", "--activation_checkpointing"],
+        # stage 2 with LoRA adapters in the vision tower (--peft lora): checkpoints hold the merged weights
+        "s2_lora_ref": python() + stage2 + batch(8) + ["--peft", "lora", "--lora_r", "2"],
+        "s2_lora_torchrun": torchrun() + stage2 + batch(4) + ["--peft", "lora", "--lora_r", "2"],
         "shards": torchrun() + [str(script), tiny_clip_dir, anchors_dir, data["train"], data["root"]],
     }  # fmt: skip
     argvs = {}
@@ -309,6 +312,14 @@ def test_stage1_bf16_autocast(runs):
 def test_stage2_torchrun_matches_one_process(runs, stage2_initial):
     assert processes(runs["s2_ref"]) == (1, 1) and processes(runs["s2_torchrun"]) == (2, 2)
     assert_same_step(runs["s2_torchrun"], runs["s2_ref"], stage2_initial, STAGE2_TERMS)
+
+
+def test_stage2_lora_torchrun_matches_one_process(runs, stage2_initial):
+    assert processes(runs["s2_lora_ref"]) == (1, 1) and processes(runs["s2_lora_torchrun"]) == (2, 2)
+    assert_same_step(runs["s2_lora_torchrun"], runs["s2_lora_ref"], stage2_initial, STAGE2_TERMS)
+    merged = weights(runs["s2_lora_torchrun"])
+    assert merged.keys() == stage2_initial.keys(), "a plain VL-LTR checkpoint, adapters merged"
+    assert (finished(runs["s2_lora_torchrun"]) / "checkpoint-1" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_stage2_trained_tower_accumulation_and_activation_checkpointing(runs, stage2_initial):

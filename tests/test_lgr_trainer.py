@@ -155,3 +155,28 @@ def test_default_collator_is_built_from_the_stage_config(classifier, datasets, t
     features = [datasets[0][(i, 100 + i)] for i in range(4)]
     labels = collator(features)["labels"]
     assert labels.shape == (4, 4) and torch.allclose(labels.sum(-1), torch.ones(4))  # soft targets
+
+
+def test_logit_adjustment_uses_the_training_prior(classifier, datasets, tmp_path):
+    trainer = make_trainer(classifier, datasets, tmp_path, logit_adjustment=1.5)
+    train, _ = datasets
+    counts = class_counts(train.labels, 4).astype(float)  # the long tail 12 / 6 / 3 / 2
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model.train()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+        out = model(pixel_values=batch["pixel_values"])
+    # the formula written out: CE(P_I + τ·log(n_c / Σn), y) + CE(P_T, y) on the (soft) targets of the batch
+    adjusted = out.image_logits.double() + 1.5 * torch.log(torch.tensor(counts / counts.sum()))
+    targets = batch["labels"].double()
+    expected = -(targets * adjusted.log_softmax(-1)).sum(-1).mean()
+    expected = expected - (targets * out.text_logits.double().log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # τ = 0 is the paper's L_rec, which differs
+        assert not torch.isclose(loss, model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss)
+    model.eval()  # evaluation loss and predictions are not adjusted
+    with torch.no_grad():
+        plain = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+        torch.testing.assert_close(trainer.compute_loss(model, batch), plain.loss)
+    trainer.train()  # and it trains
+    assert all("loss" in e for e in trainer.state.log_history[:1])

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 from transformers.models.clip import modeling_clip
 
-from training.losses import class_wise_contrastive_loss, diagonal_distillation_loss, distillation_loss
+from training.losses import (
+    class_wise_contrastive_loss,
+    diagonal_distillation_loss,
+    distillation_loss,
+    log_class_prior,
+    logit_adjusted_cross_entropy,
+)
 
 # transformers renamed `clip_loss` to `image_text_contrastive_loss`; both are CLIP's symmetric cross-entropy.
 clip_symmetric_ce = getattr(modeling_clip, "image_text_contrastive_loss", None) or modeling_clip.clip_loss
@@ -244,3 +250,56 @@ def test_input_validation():
         distillation_loss(square, torch.zeros(5, 5))
     with pytest.raises(ValueError, match=r"student's shape \(4, 4\)"):
         diagonal_distillation_loss(square, torch.zeros(5, 5), 10.0)
+
+
+# --- logit adjustment (Menon et al., ICLR 2021): CE(z + τ·log π, y), π_c = n_c / Σ n
+
+
+def naive_logit_adjusted(z: torch.Tensor, targets: list, counts: list[int], tau: float) -> torch.Tensor:
+    total = sum(max(n, 1) for n in counts)
+    log_prior = [math.log(max(n, 1) / total) for n in counts]
+    loss = 0.0
+    for i in range(z.shape[0]):
+        row = [z[i, c] + tau * log_prior[c] for c in range(z.shape[1])]
+        log_probs = naive_log_softmax(row)
+        target = targets[i] if isinstance(targets[i], list) else [float(c == targets[i]) for c in range(len(row))]
+        loss = loss - sum(t * lp for t, lp in zip(target, log_probs))
+    return loss / z.shape[0]
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, 2.0])
+@pytest.mark.parametrize("soft", [False, True])
+def test_logit_adjusted_cross_entropy_matches_naive_forward_and_backward(tau, soft):
+    generator = torch.Generator().manual_seed(int(10 * tau) + soft)
+    counts = [40, 12, 5, 1, 0]  # a long tail with an empty class (counted as one image)
+    z = 3.0 * torch.randn(6, 5, generator=generator, dtype=torch.float64)  # (B, C)
+    if soft:
+        targets = torch.rand(6, 5, generator=generator, dtype=torch.float64).softmax(-1)  # (B, C), rows sum to 1
+        ref_targets = targets.tolist()
+    else:
+        targets = torch.randint(0, 5, (6,), generator=generator)
+        ref_targets = targets.tolist()
+    log_prior = log_class_prior(counts)
+    loss, grad = value_and_grad(logit_adjusted_cross_entropy, z, targets, log_prior, tau)
+    ref_loss, ref_grad = value_and_grad(naive_logit_adjusted, z, ref_targets, counts, tau)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    if tau == 0.0:  # no adjustment: the plain cross entropy
+        plain = F.cross_entropy(z, targets) if not soft else -(targets * F.log_softmax(z, -1)).sum(-1).mean()
+        torch.testing.assert_close(loss, plain)
+
+
+def test_logit_adjustment_favours_tail_classes_in_training():
+    # the same logits cost more for a head-class label and less for a tail-class label once the prior is added
+    z = torch.zeros(1, 3)
+    log_prior = log_class_prior([100, 10, 1])
+    head = logit_adjusted_cross_entropy(z, torch.tensor([0]), log_prior, 1.0)
+    tail = logit_adjusted_cross_entropy(z, torch.tensor([2]), log_prior, 1.0)
+    assert head < F.cross_entropy(z, torch.tensor([0])) < tail
+
+
+def test_logit_adjustment_input_validation():
+    with pytest.raises(ValueError, match=r"log_prior must have shape \(4,\)"):
+        logit_adjusted_cross_entropy(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), torch.zeros(3))
+    with pytest.raises(ValueError, match="class counts"):
+        log_class_prior([3, -1])

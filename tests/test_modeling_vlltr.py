@@ -188,7 +188,7 @@ def test_fc_head():
     [
         (dict(fusion_alpha=1.5), r"fusion_alpha must lie in \[0, 1\]"),
         (dict(fusion_alpha="0.2"), "fusion_alpha must be a number"),
-        (dict(head_type="knn"), r"head_type must be one of \('lgr', 'fc'\)"),
+        (dict(head_type="knn"), r"head_type must be one of \('lgr', 'fc', 'cosine'\)"),
         (dict(num_anchor_sentences=0), "num_anchor_sentences must be an integer >= 1"),
         (dict(mlp_ratio=0), "mlp_ratio must be an integer >= 1"),
     ],

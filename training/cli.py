@@ -17,6 +17,7 @@ from huggingface_hub import HfApi
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
+from .adapters import AdapterError
 from .io_utils import DataError, check_checkpoint_folder, read_user_text, unique_keys
 from .model_card import extend_history, read_history, write_history, write_model_card
 from .stage_trainer import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
@@ -97,7 +98,7 @@ def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str]
             raise
         print(f"{prog}: interrupted before training started (nothing to resume from).", file=sys.stderr)
         raise SystemExit(130) from None
-    except (DataError, UsageError, NonFiniteLossError, CheckpointWriteError) as e:
+    except (DataError, UsageError, NonFiniteLossError, CheckpointWriteError, AdapterError) as e:
         if os.environ.get("VLLTR_DEBUG"):
             raise
         message = " ".join((e.strerror if isinstance(e, CheckpointWriteError) else str(e)).split())

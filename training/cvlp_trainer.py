@@ -60,6 +60,9 @@ class CVLPTrainer(StageTrainer):
         self.sentence_labels = sentence_labels
         self._teacher_text: torch.Tensor | None = None
         self._window: list[dict] = []
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        logger.info(f"Stage 1 trains {trainable:,} of {total:,} parameters.")
 
     # -- the loss ------------------------------------------------------------------------------------------------------
 

@@ -67,3 +67,26 @@ def predict_logits(model, dataset, batch_size: int = 64, num_workers: int = 0, d
                     parts[key].append(value.float().cpu())
             parts["labels"].append(batch["labels"])
     return {k: torch.cat(v) if v else None for k, v in parts.items()}
+
+
+def prompt_embeddings(
+    model, tokenizer, class_names: list[str], templates: list[str], batch_size: int = 256
+) -> torch.Tensor:
+    """The normalised text embedding of each class's prompts, averaged over `templates` and normalised again
+    (CLIP's zero-shot prompt ensemble; one template is the plain prompt): `(num_classes, D)` float32 on the model's
+    device. Used to initialise a cosine classifier (LIFT's `init_head_text_feat`)."""
+    device = _model_device(model)
+    prompts = [template.format(name) for template in templates for name in class_names]  # template-major
+    max_length = min(77, getattr(tokenizer, "model_max_length", 77))
+    parts = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(prompts), batch_size), desc="Prompts", unit="batch", leave=False):
+            enc = tokenizer(
+                prompts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+            embeds = model.clip.get_text_features(
+                input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)
+            ).pooler_output  # E_T (b, D)
+            parts.append(torch.nn.functional.normalize(embeds.float(), dim=-1))
+    per_template = torch.cat(parts).view(len(templates), len(class_names), -1)  # (T, C, D)
+    return torch.nn.functional.normalize(per_template.mean(0), dim=-1)  # (C, D)

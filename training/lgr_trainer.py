@@ -6,7 +6,10 @@ from transformers.utils import logging
 
 from modeling_vlltr.modeling_vlltr import soft_target_cross_entropy
 
+from .adapters import AdapterError, has_adapters, unfreeze_adapters
 from .data import MixupCutmixCollator, eval_collator
+from .losses import log_class_prior, logit_adjusted_cross_entropy
+from .splits import class_counts
 from .stage_trainer import StageTrainer
 
 logger = logging.get_logger(__name__)
@@ -17,12 +20,16 @@ ATTENTION_PREFIX = "text_branch."
 class LGRTrainer(StageTrainer):
     """Trains a `VLLTRForImageClassification` with `LGRConfig` (reference `finetune.py` / `engine.py`).
 
+    - With LoRA adapters in the vision tower (`training.adapters`), the tower stays frozen and the adapters train
+      at `adapter_learning_rate` (default `learning_rate`).
     - The text tower and `logit_scale` are frozen (the text branch uses the stored anchors and the stage-1 τ); the
       vision tower too unless `train_vision_tower` (then it builds no autograd graph at all).
     - Two learning rates: `learning_rate` for the image-branch MLP (and the vision tower), `attention_learning_rate`
       for W_q, W_k and their LayerNorms (the reference `text_lr`).
     - The training collator mixes batches (Mixup / CutMix, label smoothing): by default a `MixupCutmixCollator`
       built from the `LGRConfig` settings; evaluation batches are never mixed.
+    - With `logit_adjustment` τ > 0 the image-branch term is the logit-adjusted CE(P_I + τ·log π, y), π from the
+      training dataset's class counts (`train_dataset.labels`); the saved model's logits are not adjusted.
     """
 
     def __init__(self, model=None, args=None, data_collator=None, *more, **kwargs):
@@ -42,9 +49,24 @@ class LGRTrainer(StageTrainer):
         clip.logit_scale.requires_grad_(False)
         clip.vision_model.requires_grad_(self.args.train_vision_tower)
         clip.visual_projection.requires_grad_(self.args.train_vision_tower)
+        adapters = has_adapters(self.model)
+        if adapters:
+            if self.args.train_vision_tower:
+                raise AdapterError(
+                    "--train_vision_tower trains the whole tower; with --peft lora only its adapters train."
+                )
+            unfreeze_adapters(self.model)  # LoRA: the tower stays frozen, its adapters train at `learning_rate`
+        self.log_prior = None  # log π (C,), only with logit adjustment
+        if self.args.logit_adjustment > 0:
+            if self.train_dataset is None or not hasattr(self.train_dataset, "labels"):
+                raise ValueError("--logit_adjustment needs a training dataset with labels (the class prior).")
+            num_labels = self.model.config.num_labels
+            self.log_prior = log_class_prior(class_counts(self.train_dataset.labels, num_labels))
         self.train_class_ids = self._train_only_rows(self.args.train_classes)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        logger.info(f"Stage 2 trains {trainable:,} parameters (vision tower trained: {self.args.train_vision_tower}).")
+        total = sum(p.numel() for p in self.model.parameters())
+        tower = "LoRA adapters" if adapters else ("trained" if self.args.train_vision_tower else "frozen")
+        logger.info(f"Stage 2 trains {trainable:,} of {total:,} parameters (vision tower: {tower}).")
 
     def _train_only_rows(self, train_classes: str | None) -> list[int] | None:
         """`--train_classes`: everything frozen but the image branch's last layer, whose gradient is masked to the
@@ -86,6 +108,8 @@ class LGRTrainer(StageTrainer):
                 lr = (
                     self.args.attention_learning_rate if name.startswith(ATTENTION_PREFIX) else self.args.learning_rate
                 )
+                if ".lora_" in name and self.args.adapter_learning_rate is not None:
+                    lr = self.args.adapter_learning_rate  # LoRA adapters in the vision tower
                 weight_decay = self.args.weight_decay if name in decay else 0.0
                 groups.setdefault((lr, weight_decay), []).append(param)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
@@ -95,15 +119,24 @@ class LGRTrainer(StageTrainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(pixel_values=inputs["pixel_values"], labels=inputs["labels"])
-        self._check_finite(outputs.loss)
+        labels = inputs["labels"]
+        outputs = model(pixel_values=inputs["pixel_values"], labels=labels)
+        loss = outputs.loss  # L_rec = CE(P_I, y) + CE(P_T, y)
+        if self.log_prior is not None and model.training:
+            # L_rec with the image term logit-adjusted: CE(P_I + τ·log π, y) + CE(P_T, y); evaluation keeps L_rec
+            loss = logit_adjusted_cross_entropy(
+                outputs.image_logits, labels, self.log_prior, self.args.logit_adjustment
+            )
+            if outputs.text_logits is not None:
+                loss = loss + soft_target_cross_entropy(outputs.text_logits, labels)
+            outputs.loss = loss
+        self._check_finite(loss)
         if outputs.text_logits is not None:
-            labels = inputs["labels"]
             self._record(
                 loss_image=soft_target_cross_entropy(outputs.image_logits.detach(), labels),
                 loss_text=soft_target_cross_entropy(outputs.text_logits.detach(), labels),
             )
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return (loss, outputs) if return_outputs else loss
 
     def _with_eval_collator(self, make_loader, *args):
         collator, self.data_collator = self.data_collator, eval_collator

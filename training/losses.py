@@ -1,5 +1,7 @@
-"""Stage-1 (CVLP, class-wise visual-linguistic pre-training) losses: one small function per paper loss."""
+"""Training losses, one small function per paper loss: stage 1 (CVLP, class-wise visual-linguistic pre-training)
+L_ccl and L_dis, and the logit-adjusted cross entropy (Menon et al., ICLR 2021) for the stage-2 image branch."""
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -127,4 +129,46 @@ def diagonal_distillation_loss(
 DISTILLATION_FORMS = ("code", "paper")
 
 
-__all__ = ["DISTILLATION_FORMS", "class_wise_contrastive_loss", "diagonal_distillation_loss", "distillation_loss"]
+def log_class_prior(counts: "np.ndarray | torch.Tensor | list[int]") -> torch.Tensor:
+    """log π_c = log(n_c / Σ_j n_j) from the training counts n_c, float64 `(C,)` (the loss casts it to the logits').
+
+    A class with no training image would get log 0 = −inf, which turns every soft target (label smoothing, Mixup)
+    into a NaN loss; it is counted as one image instead (the smallest prior a real class could have)."""
+    counts = torch.as_tensor(np.asarray(counts), dtype=torch.float64)
+    if counts.dim() != 1 or counts.numel() == 0 or bool((counts < 0).any()):
+        raise ValueError(f"class counts must be a non-empty 1-D array of counts >= 0, got shape {tuple(counts.shape)}")
+    counts = counts.clamp_min(1.0)  # (C,)
+    return (counts / counts.sum()).log()
+
+
+def logit_adjusted_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor, tau: float = 1.0
+) -> torch.Tensor:
+    """The logit-adjusted loss (Menon et al., ICLR 2021, Eq. 10): CE(z + τ·log π, y), averaged over the batch.
+
+    `logits` z `(B, C)`, `targets` class ids `(B,)` or soft targets `(B, C)` (Mixup / CutMix, label smoothing),
+    `log_prior` log π `(C,)` from the training counts (`log_class_prior`). Adding τ·log π in training only makes
+    head classes cheaper to predict during training, so the plain logits z learnt this way are balanced at test
+    time (the paper's Fisher-consistent form for the balanced error). τ = 0 is the plain cross entropy.
+    Half-precision inputs are computed in float32. Returns a 0-dim tensor.
+    """
+    if logits.dim() != 2 or log_prior.shape != logits.shape[1:]:
+        raise ValueError(
+            f"log_prior must have shape ({logits.shape[-1]},) to match logits {tuple(logits.shape)}, "
+            f"got {tuple(log_prior.shape)}"
+        )
+    adjusted = _at_least_float32(logits)  # (B, C)
+    adjusted = adjusted + tau * log_prior.to(device=adjusted.device, dtype=adjusted.dtype)  # z + τ·log π (B, C)
+    if targets.dtype.is_floating_point:
+        return -(targets * F.log_softmax(adjusted, dim=-1)).sum(-1).mean()
+    return F.cross_entropy(adjusted, targets)
+
+
+__all__ = [
+    "DISTILLATION_FORMS",
+    "class_wise_contrastive_loss",
+    "diagonal_distillation_loss",
+    "distillation_loss",
+    "log_class_prior",
+    "logit_adjusted_cross_entropy",
+]

@@ -51,6 +51,12 @@ STAGE_TEXT = {
         "classes share the rest as before: P(c) = (1 − Σ_new softmax(P_T)_new)·[α·softmax(P_I) + (1 − α)·softmax(P_T)]"
         " over the trained classes (`config.text_only_classes`).",
     ),
+    "lift": (
+        "LIFT-style fine-tuning (a peer of VL-LTR)",
+        "LoRA adapters in the frozen CLIP image tower and a cosine classifier s·cos(E_I, w_c), initialised from the "
+        "class-name prompt embeddings, trained with the logit-adjusted loss CE(z + τ·log π, y) (Shi et al., ICML "
+        "2024); the classifier's logits are the prediction.",
+    ),
 }
 
 
@@ -173,7 +179,7 @@ def build_model_card(
     stages = {entry["stage"]: entry for entry in history}
     base_model = history[0]["settings"].get("model_name_or_path") if history else None
     converted = stages.get("convert")
-    classifier = "lgr" in stages or "anss" in stages or getattr(config, "head_type", None) == "fc"
+    classifier = "lgr" in stages or "anss" in stages or getattr(config, "head_type", None) in ("fc", "cosine")
     classifier = (
         classifier or (converted or {}).get("settings", {}).get("architecture") == "VLLTRForImageClassification"
     )
@@ -222,6 +228,8 @@ def build_model_card(
         summary = f"A VL-LTR image classifier over {num_classes} classes" + (
             ", trained through both stages."
             if "lgr" in stages or converted
+            else ": the LIFT-style peer (cosine head on a LoRA-adapted CLIP image tower)."
+            if "lift" in stages
             else ", after anchor sentence selection: its image-branch MLP is not trained yet (run `training.run_lgr`)."
         )
     else:
@@ -237,7 +245,7 @@ def build_model_card(
             "anchor sentence selection (`training.run_select_anchors`). It also works as a CLIP for zero-shot use."
         )
     stage_list = []
-    for key in ("convert", "cvlp", "anss", "lgr", "add_classes"):
+    for key in ("convert", "cvlp", "anss", "lgr", "lift", "add_classes"):
         if key in stages:
             heading, description = STAGE_TEXT[key]
             entry = stages[key]

@@ -8,6 +8,9 @@ A run on one machine:
     python -m training.run_cvlp --model_name_or_path openai/clip-vit-base-patch16 --train_file train.txt \
         --image_root ROOT --class_names classes.txt --text_corpus corpus.json --output_dir OUT1
 
+`--peft lora` freezes both towers (and their projections and τ) and trains LoRA adapters in them instead
+(`training/adapters.py`).
+
 The reference ImageNet-LT ViT-B/16 recipe on one node of 8 GPUs (global batch 128 × 8 × 1 = 1024):
 
     torchrun --nproc_per_node 8 -m training.run_cvlp training/configs/imagenet_lt_vit_b16_stage1.json \
@@ -20,6 +23,7 @@ from transformers import AutoTokenizer
 
 from modeling_vlltr import VLLTRConfig, VLLTRModel
 
+from .adapters import ADAPTER_DIR, AdapterArguments, adapter_settings, add_lora, save_adapter
 from .arguments import AugmentationArguments, CorpusArguments, DataArguments, ModelArguments
 from .cli import UsageError, load_checked, parse_args, prepare_output_dir, record_run, run_main, setup_logging
 from .corpus import load_corpus
@@ -33,8 +37,8 @@ from .splits import checkpoint_class_names, load_labelled_split
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, corpus_args, aug_args, args = parse_args(
-        (ModelArguments, DataArguments, CorpusArguments, AugmentationArguments, CVLPConfig), argv
+    model_args, data_args, corpus_args, aug_args, adapter_args, args = parse_args(
+        (ModelArguments, DataArguments, CorpusArguments, AugmentationArguments, AdapterArguments, CVLPConfig), argv
     )
     setup_logging(args)
     resume = prepare_output_dir(args, "run_cvlp")
@@ -76,6 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
         label2id={name: i for i, name in id2label.items()},
         **hub,
     )
+    if adapter_args.peft == "lora":
+        add_lora(model, adapter_args, towers=("vision", "text"), seed=args.seed)
+        model.clip.logit_scale.requires_grad_(False)  # only the adapters train, so the adapter folder is the whole run
     teacher = None
     if args.distillation_beta > 0:
         teacher = VLLTRModel.from_pretrained(model_args.model_name_or_path, **hub)
@@ -99,9 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
         results.update(trainer.evaluate())
 
     # ---- Save: weights, remote code, tokenizer, image processor, history, card -------------------------------------------
-    trainer.save_model(args.output_dir)
+    trainer.save_model(args.output_dir)  # adapters merged
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)
+        if adapter_args.save_adapter:
+            save_adapter(model, f"{args.output_dir}/{ADAPTER_DIR}", model_args.model_name_or_path)
         settings = {
             "model_name_or_path": model_args.model_name_or_path,
             "train_file": train.description,
@@ -115,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
             "distillation_form": args.distillation_form,
             "image_size": image_size,
             "label_smoothing": args.label_smoothing,
+            **adapter_settings(adapter_args, model),
             **schedule_settings(args),
         }
         entry = history_entry("run_cvlp", "cvlp", settings, results)

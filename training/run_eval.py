@@ -15,6 +15,10 @@ in votes goes to the tied class whose nearest member is the more similar (see `t
 `predictions.npz` holds the labels, the scores and the predicted class of every test image, so every number in
 `metrics.json` can be recomputed.
 
+`--tta {flip,five_crop,ten_crop}` averages the (fused) probability over several views of each test image (see
+`training/tta.py`: flips, or torchvision's five / ten crops of the resized image); `--tta none` is the plain
+evaluation.
+
 Shot groups follow the standard convention (> 100, 20-100, < 20 training images); `--shot_thresholds official`
 uses the reference code's (>= 100, 21-99, <= 20) and `--shot_logits sum` its summed-logit prediction for them.
 """
@@ -47,6 +51,7 @@ from .knn import knn_scores
 from .metrics import ShotThresholds, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
 from .model_card import history_entry
 from .splits import checkpoint_class_names, load_labelled_split
+from .tta import TTA_MODES, MultiViewTransform, predict_logits_tta
 
 
 @dataclass
@@ -67,6 +72,15 @@ class EvalArguments:
         metadata={
             "help": "Prediction used for the shot groups: 'fused' or 'sum' (P_I + P_T, the reference code's).",
             "choices": ["fused", "sum"],
+        },
+    )
+    tta: str = field(
+        default="none",
+        metadata={
+            "help": "Test-time augmentation: average the fused probability over 'flip' (2 views), 'five_crop' or "
+            "'ten_crop' (torchvision FiveCrop / TenCrop of the resized image, before the centre crop); 'none' = the "
+            "single centre-crop view.",
+            "choices": list(TTA_MODES),
         },
     )
     update_model_card: bool = field(
@@ -132,7 +146,14 @@ def main(argv: list[str] | None = None) -> dict:
         image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path, **hub)
     except (OSError, ValueError):
         image_processor = eval_image_processor(model.config.clip_config.vision_config.image_size)
-    dataset = test.dataset(ProcessorTransform(image_processor))
+    if eval_args.tta == "none" or eval_args.knn is not None:
+        transform = ProcessorTransform(image_processor)
+    else:
+        try:
+            transform = MultiViewTransform(image_processor, eval_args.tta)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    dataset = test.dataset(transform)
 
     # ---- Predict and score --------------------------------------------------------------------------------------------
     model = model.to(args.device).eval()
@@ -144,9 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         scores = knn_scores(test_embeds, memory_embeds, torch.as_tensor(train.labels), len(counts), eval_args.knn)
         out = {"logits": scores, "image_logits": None, "text_logits": None}
     else:
-        out = predict_logits(
-            model, dataset, args.per_device_eval_batch_size, args.dataloader_num_workers, desc="Evaluating"
-        )
+        predict = predict_logits if eval_args.tta == "none" else predict_logits_tta
+        out = predict(model, dataset, args.per_device_eval_batch_size, args.dataloader_num_workers, desc="Evaluating")
     base = ShotThresholds.from_name(eval_args.shot_thresholds)
     thresholds = ShotThresholds(
         many=eval_args.many_shot_threshold if eval_args.many_shot_threshold is not None else base.many,
@@ -167,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         "thresholds": {"many": thresholds.many, "few": thresholds.few, "inclusive": thresholds.inclusive},
         "shot_logits": eval_args.shot_logits,
         "head": f"knn (K={eval_args.knn}, training images)" if eval_args.knn is not None else model.config.head_type,
+        "tta": eval_args.tta,
         **metrics,
         "per_class": {
             "train_count": counts.tolist(),
@@ -207,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
             "num_test_images": len(dataset),
             **report["thresholds"],
             "shot_logits": eval_args.shot_logits,
+            "tta": eval_args.tta,
             "dataset_tag": eval_args.dataset_tag,
             "head": report["head"],
         }

@@ -1,7 +1,8 @@
 """Stage 2 of VL-LTR: train the language-guided recognition (LGR) head on the checkpoint from anchor selection.
 
 L_rec = CE(P_I, y) + CE(P_T, y) on Mixup / CutMix targets with label smoothing, square-root sampling, the vision
-tower frozen (reference ImageNet-LT / Places-LT; --train_vision_tower for iNaturalist).
+tower frozen (reference ImageNet-LT / Places-LT; --train_vision_tower for iNaturalist). `--peft lora` adapts the
+tower with LoRA instead (`training/adapters.py`); `--logit_adjustment 1` trains P_I with the logit-adjusted loss.
 
     python -m training.run_lgr --model_name_or_path OUT2 --train_file train.txt --image_root ROOT --output_dir OUT3
 
@@ -22,6 +23,7 @@ from transformers import AutoTokenizer
 
 from modeling_vlltr import VLLTRForImageClassification
 
+from .adapters import ADAPTER_DIR, AdapterArguments, adapter_settings, add_lora, save_adapter
 from .arguments import AugmentationArguments, DataArguments, ModelArguments
 from .cli import UsageError, load_checked, parse_args, prepare_output_dir, record_run, run_main, setup_logging
 from .data import ProcessorTransform, eval_image_processor, train_transform_from_args
@@ -34,8 +36,8 @@ from .splits import checkpoint_class_names, load_labelled_split
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, aug_args, args = parse_args(
-        (ModelArguments, DataArguments, AugmentationArguments, LGRConfig), argv
+    model_args, data_args, aug_args, adapter_args, args = parse_args(
+        (ModelArguments, DataArguments, AugmentationArguments, AdapterArguments, LGRConfig), argv
     )
     setup_logging(args)
     resume = prepare_output_dir(args, "run_lgr")
@@ -51,6 +53,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"--model_name_or_path {model_args.model_name_or_path} has no anchor sentences: run "
             f"python -m training.run_select_anchors on the stage-1 output first."
         )
+
+    if adapter_args.peft == "lora":
+        if args.train_vision_tower:
+            raise UsageError("--peft lora adapts the frozen vision tower; drop --train_vision_tower.")
+        add_lora(model, adapter_args, towers=("vision",), seed=args.seed)
 
     # ---- Data ---------------------------------------------------------------------------------------------------------
     train = load_labelled_split(
@@ -95,9 +102,11 @@ def main(argv: list[str] | None = None) -> dict:
         kept = [c for c in model.config.text_only_classes if c not in trained]
         model.config.text_only_classes = kept or None
 
-    # ---- Save ---------------------------------------------------------------------------------------------------------
+    # ---- Save (adapters merged) ---------------------------------------------------------------------------------------
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
+        if adapter_args.save_adapter:
+            save_adapter(model, f"{args.output_dir}/{ADAPTER_DIR}", model_args.model_name_or_path)
         try:
             AutoTokenizer.from_pretrained(model_args.model_name_or_path, **hub).save_pretrained(args.output_dir)
         except (OSError, ValueError):
@@ -112,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
             "cutmix_alpha": args.cutmix_alpha,
             "label_smoothing": args.label_smoothing,
             "train_classes": args.train_classes,
+            "logit_adjustment": args.logit_adjustment,
+            **adapter_settings(adapter_args, model),
             **schedule_settings(args),
         }
         entry = history_entry("run_lgr", "lgr", settings, results)

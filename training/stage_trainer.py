@@ -3,11 +3,13 @@ non-finite loss, and logging of the loss terms."""
 
 import signal
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
+from .adapters import ADAPTER_DIR, AdapterError, has_adapters, load_adapter_for_resume, merged_state_dict, save_adapter
 from .data import LongTailSampler
 from .interrupt import StopOnSignal, TrainingInterrupted
 
@@ -42,6 +44,9 @@ class StageTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._terms: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.add_callback(_FiniteGradientGuard(self))
+        if has_adapters(self.model) and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise AdapterError("--peft lora runs under DDP or on one device, not DeepSpeed / FSDP (merging needs the "
+                               "whole weights on one process; LoRA's frozen tower needs no sharding).")  # fmt: skip
 
     def train(self, *args, **kwargs):
         """`Trainer.train`; SIGINT or SIGTERM stops it after the current step with a checkpoint saved, and raises
@@ -114,6 +119,14 @@ class StageTrainer(Trainer):
                 f"the earlier checkpoints are intact: free space, then resume with --resume_from_checkpoint last.",
             ) from e
 
+    # -- saving: one-line errors; with adapters, checkpoints hold merged weights plus the adapter for resuming ------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if has_adapters(model):
+            state_dict = merged_state_dict(model)  # W + (α/r)·B·A under the plain names: from_pretrained needs no peft
+        super()._save(output_dir, state_dict=state_dict)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         try:
             super().save_model(output_dir, _internal_call)
@@ -125,6 +138,16 @@ class StageTrainer(Trainer):
                 f"Saving the model in {output_dir or self.args.output_dir} failed ({e.strerror or e}); the "
                 f"checkpoints written before are intact: free space, then resume with --resume_from_checkpoint last.",
             ) from e
+        model = self.accelerator.unwrap_model(self.model)
+        if _internal_call and has_adapters(model) and self.args.should_save:
+            # a checkpoint written during training: the adapter itself too, which resuming reads back
+            save_adapter(model, Path(output_dir or self.args.output_dir) / ADAPTER_DIR, None)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model if model is not None else self.model
+        if not has_adapters(self.accelerator.unwrap_model(model)):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_adapter_for_resume(self.accelerator.unwrap_model(model), resume_from_checkpoint)
 
     def _record(self, **terms: torch.Tensor | None) -> None:
         for name, value in terms.items():
