@@ -63,8 +63,10 @@ def test_stored_anchors_are_the_lowest_scoring_sentences(pipeline_run, lt_datase
         enc = tokenizer(
             [s for _, s in sentences], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
         )
-        text = stage1.get_text_features(enc["input_ids"], enc["attention_mask"]).double()
-        image = stage1.get_image_features(processor(images=images, return_tensors="pt")["pixel_values"]).double()
+        text = stage1.get_text_features(enc["input_ids"], enc["attention_mask"]).pooler_output.double()
+        image = stage1.get_image_features(
+            processor(images=images, return_tensors="pt")["pixel_values"]
+        ).pooler_output.double()
     scale = stage1.clip.logit_scale.exp().double()
     text_unit, image_unit = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
     scores = []
