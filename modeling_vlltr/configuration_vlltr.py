@@ -60,8 +60,18 @@ class VLLTRConfig(PreTrainedConfig):
 
     model_type = "vlltr"
     sub_configs_defaults = {"clip_config": CLIPConfig}
-    # Trainer evaluation keeps logits, image_logits and text_logits, not the (N, D) embeddings.
-    keys_to_ignore_at_inference = ["image_embeds", "text_embeds", "logit_scale"]
+    # What `Trainer.evaluate` / `predict` leave out of `predictions`: a standard `compute_metrics` gets the fused
+    # `logits` array alone (the classifier), or CLIP's `logits_per_image`, `logits_per_text` (VLLTRModel). The branch
+    # logits stay on the model's output; `training.LGRTrainer` and `run_eval` keep them.
+    keys_to_ignore_at_inference = [
+        "image_logits",
+        "text_logits",
+        "image_embeds",
+        "text_embeds",
+        "logit_scale",
+        "text_model_output",
+        "vision_model_output",
+    ]
 
     clip_config: dict | CLIPConfig | None = None
     num_anchor_sentences: int = 64
