@@ -574,3 +574,50 @@ def test_clip_parts_get_clips_own_init(tmp_path):
     assert torch.equal(loaded.image_branch.fc2.bias, torch.zeros_like(loaded.image_branch.fc2.bias))
     assert torch.equal(loaded.anchor_text_embeds, model.anchor_text_embeds)
     assert torch.equal(loaded.text_branch.key_proj.weight, model.text_branch.key_proj.weight)
+
+
+# -- export and compile ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head_type", ["lgr", "fc"])
+def test_torch_export_matches_eager(head_type):
+    model = make_classifier(head_type=head_type).eval()
+    x = random_pixels()
+    exported = torch.export.export(model, (), {"pixel_values": x}).module()
+    with torch.no_grad():
+        for pixels in (x, random_pixels(seed=9)):
+            torch.testing.assert_close(
+                exported(pixel_values=pixels).logits, model(pixel_values=pixels).logits, rtol=1e-5, atol=1e-5
+            )
+
+
+def test_fullgraph_compile_matches_eager_with_and_without_labels():
+    """`fullgraph=True` fails on any graph break (a Python cache, a `.item()` label check). The `aot_eager` backend
+    traces exactly as inductor does without its minutes-long C++ build; `test_inductor_compile` runs that one."""
+    torch._dynamo.reset()
+    model = make_classifier().eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x, labels = random_pixels(), torch.tensor([0, 4, 2])
+    with torch.no_grad():
+        eager, traced = model(pixel_values=x, labels=labels), compiled(pixel_values=x, labels=labels)
+        torch.testing.assert_close(traced.logits, eager.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(traced.loss, eager.loss, rtol=1e-5, atol=1e-5)
+        model.set_anchor_embeddings(torch.randn_like(model.anchor_text_embeds))  # new anchors reach the graph
+        torch.testing.assert_close(compiled(pixel_values=x).logits, model(pixel_values=x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("VLLTR_SLOW_TESTS"), reason="inductor builds C++ for ~75 s on 2 cores; VLLTR_SLOW_TESTS=1"
+)
+def test_inductor_compile():
+    torch._dynamo.reset()
+    model = make_classifier().eval()
+    x = random_pixels()
+    with torch.no_grad():
+        try:
+            compiled = torch.compile(model, fullgraph=True)(pixel_values=x)
+        except Exception as error:  # noqa: BLE001 - the toolchain, not the model, is missing
+            if "InductorError" in type(error).__name__ or "CppCompileError" in str(error):
+                pytest.skip(f"inductor toolchain unavailable: {type(error).__name__}")
+            raise
+        torch.testing.assert_close(compiled.logits, model(pixel_values=x).logits, rtol=1e-5, atol=1e-5)
