@@ -502,6 +502,9 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
         self._anchors_checked = False
         self.register_load_state_dict_post_hook(_recheck_anchors_after_load)
         self.post_init()
+        self._freeze_unused_parameters()
+
+    def _freeze_unused_parameters(self) -> None:
         # unused by forward (P_T reads the stored anchors and a detached stage-1 τ): frozen, but kept in the checkpoint
         for module in (self.clip.text_model, self.clip.text_projection):
             module.requires_grad_(False)
@@ -607,6 +610,7 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
                 _raise_if_anchor_shapes_differ(pretrained_model_name_or_path, kwargs)
             raise
         model = result[0] if isinstance(result, tuple) else result
+        model._freeze_unused_parameters()  # loading replaced the parameters
         if model.config.head_type == "lgr":
             model.text_branch.refresh_anchor_statistics(model.anchor_text_embeds, model.anchor_mask)
         if model.config.head_type == "lgr" and model.anchor_mask.any():
