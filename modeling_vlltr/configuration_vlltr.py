@@ -43,6 +43,11 @@ class VLLTRConfig(PreTrainedConfig):
             code's `v_detach` variant, used for iNaturalist). Forward values are unchanged; only gradients differ.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal used for the image-branch MLP and the FC head.
+        anchor_class_names (`list[str]`, *optional*):
+            The class names, in row order, that the anchors and the classifier rows (image-branch last layer or FC
+            head) of a [`VLLTRForImageClassification`] checkpoint belong to. Written by `set_anchor_embeddings` and
+            `save_pretrained`; `from_pretrained` with an `id2label` that orders the same names differently permutes
+            the anchors and rows to follow it, and refuses unknown or missing names.
         kwargs (*optional*):
             Passed to [`PreTrainedConfig`], e.g. `id2label` and `label2id`.
 
@@ -80,6 +85,7 @@ class VLLTRConfig(PreTrainedConfig):
     head_type: str = "lgr"
     detach_anchor_norm: bool = False
     initializer_range: float = 0.02
+    anchor_class_names: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         if self.clip_config is None:

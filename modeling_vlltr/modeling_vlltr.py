@@ -314,6 +314,45 @@ def _raise_if_anchor_shapes_differ(pretrained_model_name_or_path, kwargs: dict) 
             )
 
 
+def _describe_class_mismatch(saved: list[str], wanted: list[str]) -> str | None:
+    """None when `wanted` orders the same class names as `saved`; else which names are unknown / missing."""
+    unknown = [name for name in wanted if name not in saved]
+    missing = [name for name in saved if name not in wanted]
+    if not unknown and not missing and len(saved) == len(wanted):
+        return None
+    return (
+        "; ".join(
+            f"{label}: {names[:10]}{' ...' if len(names) > 10 else ''}"
+            for label, names in (("not in the checkpoint", unknown), ("missing from id2label", missing))
+            if names
+        )
+        or f"{len(wanted)} names for the checkpoint's {len(saved)} classes"
+    )
+
+
+def _class_mismatch_message(source: str, described: str) -> str:
+    return (
+        f"id2label does not name the classes that the anchors and classifier rows of {source} belong to "
+        f"({described}). Pass the checkpoint's class names (in any order), or ignore_mismatched_sizes=True to start "
+        f"a new head whose anchors must be rebuilt."
+    )
+
+
+def _raise_if_class_names_differ(pretrained_model_name_or_path, kwargs: dict) -> None:
+    """After transformers refused a checkpoint for a size mismatch: if the `id2label` passed names other classes
+    than the checkpoint's `anchor_class_names`, raise a `ValueError` naming them."""
+    hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+    config = kwargs.get("config")
+    id2label = config.id2label if isinstance(config, PreTrainedConfig) else kwargs.get("id2label")
+    saved = VLLTRConfig.from_pretrained(pretrained_model_name_or_path, **hub).anchor_class_names
+    if id2label is None or saved is None:
+        return
+    wanted = [str(id2label[key]) for key in sorted(id2label, key=int)]
+    described = _describe_class_mismatch(saved, wanted)
+    if described is not None:
+        raise ValueError(_class_mismatch_message(str(pretrained_model_name_or_path), described))
+
+
 def _recheck_anchors_after_load(module: nn.Module, incompatible_keys) -> None:
     # new anchors arrived through load_state_dict: refresh their statistics now, check them before the next forward
     module._anchors_checked = False
@@ -568,6 +607,7 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
         self.anchor_text_embeds.copy_(embeds)
         self.anchor_mask.copy_(mask)
         self.text_branch.refresh_anchor_statistics(self.anchor_text_embeds, self.anchor_mask)
+        self.config.anchor_class_names = self._class_names()
         self._anchors_checked = True
 
     def _apply(self, fn, recurse: bool = True):
@@ -607,10 +647,12 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
             result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         except RuntimeError as error:
             if "ignore_mismatched_sizes" in str(error):  # transformers' message names no tensor: find the anchors
+                _raise_if_class_names_differ(pretrained_model_name_or_path, kwargs)
                 _raise_if_anchor_shapes_differ(pretrained_model_name_or_path, kwargs)
             raise
         model = result[0] if isinstance(result, tuple) else result
         model._freeze_unused_parameters()  # loading replaced the parameters
+        model._follow_label_map(str(pretrained_model_name_or_path), kwargs.get("ignore_mismatched_sizes", False))
         if model.config.head_type == "lgr":
             model.text_branch.refresh_anchor_statistics(model.anchor_text_embeds, model.anchor_mask)
         if model.config.head_type == "lgr" and model.anchor_mask.any():
@@ -618,6 +660,62 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
             # (A checkpoint without anchors, e.g. stage 1, is fine: forward asks for them.)
             model.check_anchors(source=str(pretrained_model_name_or_path))
         return result
+
+    # -- label map ---------------------------------------------------------------------------------------------------
+
+    def _class_names(self) -> list[str]:
+        id2label = {int(k): v for k, v in self.config.id2label.items()}  # a keyword override may keep "0" keys
+        return [str(id2label[i]) for i in range(self.config.num_labels)]
+
+    def _class_rows(self) -> list[torch.Tensor]:
+        """Every tensor whose first dimension is the class: anchors, mask and the last layer of the classifier."""
+        if self.config.head_type == "fc":
+            return [self.classifier.weight, self.classifier.bias]
+        fc2 = self.image_branch.fc2
+        return [self.anchor_text_embeds, self.anchor_mask, fc2.weight, fc2.bias]
+
+    @torch.no_grad()
+    def _follow_label_map(self, source: str, ignore_mismatched_sizes: bool) -> None:
+        """After loading: if `id2label` orders the checkpoint's classes (`config.anchor_class_names`) differently,
+        permute the anchors, mask and classifier rows to follow it; refuse unknown or missing class names, or with
+        `ignore_mismatched_sizes` drop the anchors and start the classifier rows afresh."""
+        saved, wanted = self.config.anchor_class_names, self._class_names()
+        if saved is None or list(saved) == wanted:
+            self.config.anchor_class_names = wanted
+            return
+        described = _describe_class_mismatch(saved, wanted)
+        if described is None:
+            order = torch.tensor([saved.index(name) for name in wanted])
+            for rows in self._class_rows():
+                rows.copy_(rows[order.to(rows.device)])
+            moved = sum(int(i != j) for i, j in enumerate(order.tolist()))
+            logger.warning(
+                f"{source}: id2label orders the checkpoint's {len(wanted)} classes differently; the anchors and "
+                f"classifier rows of {moved} classes were permuted to follow it (e.g. {wanted[0]!r} is now id 0)."
+            )
+            self.config.anchor_class_names = wanted
+            return
+        if not ignore_mismatched_sizes:
+            raise ValueError(_class_mismatch_message(source, described))
+        logger.warning(
+            f"{source}: id2label names other classes than the checkpoint's ({described}). ignore_mismatched_sizes="
+            f"True: the anchors are dropped and the classifier rows start afresh; rebuild the anchors "
+            f"(python -m training.run_select_anchors, or set_anchor_embeddings) and train the head."
+        )
+        if self.config.head_type == "lgr":
+            self.anchor_text_embeds.zero_()
+            self.anchor_mask.zero_()
+            self._anchors_checked = False
+        weight, bias = self._class_rows()[-2:]
+        nn.init.trunc_normal_(weight, std=self.config.initializer_range)
+        nn.init.zeros_(bias)
+        self.config.anchor_class_names = wanted
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Records the class names its anchors and classifier rows belong to (`config.anchor_class_names`), then
+        saves like [`VLLTRPreTrainedModel.save_pretrained`]."""
+        self.config.anchor_class_names = self._class_names()
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     # -- forward -------------------------------------------------------------------------------------------------------
 

@@ -621,3 +621,58 @@ def test_inductor_compile():
                 pytest.skip(f"inductor toolchain unavailable: {type(error).__name__}")
             raise
         torch.testing.assert_close(compiled.logits, model(pixel_values=x).logits, rtol=1e-5, atol=1e-5)
+
+
+# -- label maps ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head_type", ["lgr", "fc"])
+def test_reordered_label_map_permutes_anchors_and_rows(head_type, tmp_path):
+    from transformers.testing_utils import CaptureLogger
+
+    from modeling_vlltr import modeling_vlltr
+
+    model = make_classifier(head_type=head_type).eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["anchor_class_names"]
+    assert saved == [f"class_{i}" for i in range(5)]
+    x = random_pixels()
+    with torch.no_grad():
+        original = model(x)
+    order = [3, 0, 4, 1, 2]  # new id j holds the checkpoint's class order[j]
+    id2label = {j: f"class_{c}" for j, c in enumerate(order)}
+    with CaptureLogger(modeling_vlltr.logger) as captured:
+        loaded = AutoModelForImageClassification.from_pretrained(
+            tmp_path, id2label=id2label, label2id={v: k for k, v in id2label.items()}
+        ).eval()
+    assert "permuted" in captured.out
+    with torch.no_grad():
+        out = loaded(x)
+    for key in ("logits", "image_logits") + (("text_logits",) if head_type == "lgr" else ()):
+        torch.testing.assert_close(getattr(out, key), getattr(original, key)[:, order], rtol=1e-5, atol=1e-5)
+    if head_type == "lgr":
+        assert torch.equal(loaded.anchor_mask, model.anchor_mask[order])
+    loaded.save_pretrained(tmp_path / "again")  # the new order is recorded: loading it again changes nothing
+    again = VLLTRForImageClassification.from_pretrained(tmp_path / "again").eval()
+    assert again.config.anchor_class_names == [id2label[j] for j in range(5)]
+    torch.testing.assert_close(again(x).logits, out.logits)
+
+
+def test_unknown_class_names_are_refused_or_give_a_new_head(tmp_path):
+    from transformers.testing_utils import CaptureLogger
+
+    from modeling_vlltr import modeling_vlltr
+
+    make_classifier().save_pretrained(tmp_path)
+    id2label = {0: "class_0", 1: "class_1", 2: "zebra", 3: "class_3", 4: "yak"}
+    with pytest.raises(ValueError, match=r"not in the checkpoint: \['zebra', 'yak'\].*missing from id2label: "):
+        VLLTRForImageClassification.from_pretrained(tmp_path, id2label=id2label)
+    with CaptureLogger(modeling_vlltr.logger) as captured:
+        model = VLLTRForImageClassification.from_pretrained(tmp_path, id2label=id2label, ignore_mismatched_sizes=True)
+    assert "rebuild the anchors" in captured.out and "zebra" in captured.out
+    with pytest.raises(ValueError, match="not set"):
+        model(random_pixels())
+    with pytest.raises(ValueError, match="missing from id2label: \\['class_3', 'class_4'\\]"):
+        VLLTRForImageClassification.from_pretrained(
+            tmp_path, id2label={i: f"class_{i}" for i in range(3)}, ignore_mismatched_sizes=False
+        )
