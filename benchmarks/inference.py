@@ -56,11 +56,16 @@ def main(argv=None):
     floor_peak = common.peak_memory_mb(floor_side, device)
 
     text_branch = model.text_branch
-    cache = text_branch._anchor_cache[1:] if text_branch._anchor_cache is not None else ()
+    cache = (
+        text_branch.anchor_mean,
+        text_branch.anchor_inv_std,
+        text_branch.anchor_gram,
+        text_branch.anchor_mask_bias,
+    )
     resident = {
         "clip_vision": common.tensors_mb(model.clip.vision_model, model.clip.visual_projection),
         "clip_text_unused": common.tensors_mb(model.clip.text_model, model.clip.text_projection),
-        "head": common.tensors_mb(model.image_branch, model.text_branch),
+        "head": common.tensors_mb(model.image_branch, *model.text_branch.parameters()),
         "anchors_and_mask": common.tensors_mb(model.anchor_text_embeds, model.anchor_mask),
         "anchor_statistics_cache": common.tensors_mb(*cache),
     }

@@ -70,11 +70,12 @@ def main(argv=None):
     ours_peak = common.peak_memory_mb(ours_side, device)
     floor_peak = common.peak_memory_mb(floor_side, device)
 
-    cache = model.text_branch._anchor_cache[1:] if model.text_branch._anchor_cache is not None else ()
+    branch = model.text_branch
+    cache = (branch.anchor_mean, branch.anchor_inv_std, branch.anchor_gram, branch.anchor_mask_bias)
     resident = {
         "clip_vision": common.tensors_mb(model.clip.vision_model, model.clip.visual_projection),
         "clip_text_unused": common.tensors_mb(model.clip.text_model, model.clip.text_projection),
-        "ours_head": common.tensors_mb(model.image_branch, model.text_branch),
+        "ours_head": common.tensors_mb(model.image_branch, *model.text_branch.parameters()),
         "ours_anchors_and_mask": common.tensors_mb(model.anchor_text_embeds, model.anchor_mask),
         "ours_anchor_statistics_cache": common.tensors_mb(*cache),
         "floor_head": common.tensors_mb(classifier),

@@ -60,6 +60,11 @@ class VLLTRConfig(PreTrainedConfig):
             Ids of classes added from their description alone (`VLLTRForImageClassification.add_classes`): the image
             branch has never seen them, so their fused probability is the text branch's and the image branch only
             splits the rest between the trained classes (see `fused_log_probabilities`). `None` or `[]`: none.
+        anchor_class_names (`list[str]`, *optional*):
+            The class names, in row order, that the anchors and the classifier rows (image-branch last layer or FC
+            head) of a [`VLLTRForImageClassification`] checkpoint belong to. Written by `set_anchor_embeddings` and
+            `save_pretrained`; `from_pretrained` with an `id2label` that orders the same names differently permutes
+            the anchors and rows to follow it, and refuses unknown or missing names.
         kwargs (*optional*):
             Passed to [`PreTrainedConfig`], e.g. `id2label` and `label2id`.
 
@@ -77,8 +82,18 @@ class VLLTRConfig(PreTrainedConfig):
 
     model_type = "vlltr"
     sub_configs_defaults = {"clip_config": CLIPConfig}
-    # Trainer evaluation keeps logits, image_logits and text_logits, not the (N, D) embeddings.
-    keys_to_ignore_at_inference = ["image_embeds", "text_embeds", "logit_scale"]
+    # What `Trainer.evaluate` / `predict` leave out of `predictions`: a standard `compute_metrics` gets the fused
+    # `logits` array alone (the classifier), or CLIP's `logits_per_image`, `logits_per_text` (VLLTRModel). The branch
+    # logits stay on the model's output; `training.LGRTrainer` and `run_eval` keep them.
+    keys_to_ignore_at_inference = [
+        "image_logits",
+        "text_logits",
+        "image_embeds",
+        "text_embeds",
+        "logit_scale",
+        "text_model_output",
+        "vision_model_output",
+    ]
 
     clip_config: dict | CLIPConfig | None = None
     num_anchor_sentences: int = 64
@@ -90,6 +105,7 @@ class VLLTRConfig(PreTrainedConfig):
     anchor_sentences: list[list[str]] | None = None
     text_only_classes: list[int] | None = None
     cosine_scale: float = 25.0
+    anchor_class_names: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         if self.clip_config is None:

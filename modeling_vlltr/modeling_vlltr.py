@@ -19,7 +19,11 @@ from safetensors import safe_open
 from torch import nn
 from transformers import CLIPModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput, cached_file, logging
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.clip.modeling_clip import image_text_contrastive_loss
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, cached_file, logging
+from transformers.utils.generic import can_return_tuple
 from transformers.utils.logging import tqdm
 
 from .configuration_vlltr import VLLTRConfig
@@ -83,9 +87,12 @@ def fused_log_probabilities(
 @dataclass
 class VLLTRModelOutput(ModelOutput):
     """
-    Output of [`VLLTRModel`], the stage-1 (CVLP) image-text model.
+    Output of [`VLLTRModel`], the stage-1 (CVLP) image-text model (the fields of `CLIPOutput`, plus `logit_scale`).
 
     Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss` is `True`):
+            CLIP's symmetric image-text contrastive loss over the batch (not the class-wise CVLP loss, which
+            `training.losses` computes from these embeddings).
         logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
             Scaled cosine similarity `exp(logit_scale) · cos(E_I, E_T)` of every image to every text.
         logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
@@ -97,13 +104,23 @@ class VLLTRModelOutput(ModelOutput):
         logit_scale (`torch.FloatTensor` of shape `()`):
             `exp(logit_scale)`, the learnable inverse temperature 1/τ (kept in the graph, so a loss computed from
             gathered embeddings can train it).
+        text_model_output (`BaseModelOutputWithPooling`):
+            The output of the CLIP text tower (`pooler_output` projected: E_T before normalisation).
+        vision_model_output (`BaseModelOutputWithPooling`):
+            The output of the CLIP vision tower (`pooler_output` projected: E_I before normalisation).
     """
 
+    loss: torch.FloatTensor | None = None
     logits_per_image: torch.FloatTensor | None = None
     logits_per_text: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     logit_scale: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(v.to_tuple() if k in ("text_model_output", "vision_model_output") else v for k, v in self.items())
 
 
 @dataclass
@@ -124,6 +141,11 @@ class VLLTRImageClassifierOutput(ModelOutput):
             P_T, the text-branch logits `exp(logit_scale) · cos(E_I, G_c)` (LGR head only).
         image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
             E_I, the projected (not normalised) image embedding.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The vision tower's hidden states (embeddings, then every layer), each `(batch_size, sequence_length,
+            hidden_size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            The vision tower's attention weights, each `(batch_size, num_heads, sequence_length, sequence_length)`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -131,6 +153,8 @@ class VLLTRImageClassifierOutput(ModelOutput):
     image_logits: torch.FloatTensor | None = None
     text_logits: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -186,35 +210,39 @@ class VLLTRTextBranch(nn.Module):
         ‖G_c‖² = A_cᵀ (V_c V_cᵀ) A_c
 
     so the batch only needs one matmul of [Q'⊙γ; E_I] (2B, D) against V (C·M, D) plus the per-class M×M Gram matrices.
-    μ, σ (the LayerNorm statistics of each anchor) and the Gram matrices depend on the anchors alone: they are
-    computed once and cached until the anchors change. At iNaturalist scale (C = 8142, M = 64, D = 512, B = 128)
-    this avoids the 2 GB G tensor and the 1 GB K tensor.
+    μ, σ (the LayerNorm statistics of each anchor), the Gram matrices and the additive padding mask depend on the
+    anchors alone: they live in non-persistent buffers, filled by `refresh_anchor_statistics` whenever the anchors
+    change (`set_anchor_embeddings`, loading, a dtype or device move), so `forward` reads them and `torch.export` /
+    `torch.compile(fullgraph=True)` trace it. At iNaturalist scale (C = 8142, M = 64, D = 512, B = 128) this avoids
+    the 2 GB G tensor and the 1 GB K tensor.
     """
 
     def __init__(self, config: VLLTRConfig):
         super().__init__()
         dim = config.projection_dim
+        num_labels, num_anchors = config.num_labels, config.num_anchor_sentences
         self.scale = dim**-0.5
         self.detach_anchor_norm = config.detach_anchor_norm
         self.query_norm = nn.LayerNorm(dim)
         self.query_proj = nn.Linear(dim, dim, bias=False)
         self.key_norm = nn.LayerNorm(dim)
         self.key_proj = nn.Linear(dim, dim, bias=False)
-        self._anchor_cache: tuple | None = None
+        # anchor-only quantities, derived from `anchor_text_embeds` / `anchor_mask` (not saved: recomputed on load)
+        self.register_buffer("anchor_mean", torch.zeros(num_labels, num_anchors), persistent=False)  # μ (C, M)
+        self.register_buffer("anchor_inv_std", torch.zeros(num_labels, num_anchors), persistent=False)  # 1/σ (C, M)
+        self.register_buffer("anchor_gram", torch.zeros(num_labels, num_anchors, num_anchors), persistent=False)
+        self.register_buffer("anchor_mask_bias", torch.zeros(num_labels, num_anchors), persistent=False)  # (C, M)
 
     @torch.no_grad()
-    def anchor_statistics(self, anchors: torch.Tensor, anchor_mask: torch.Tensor):
-        """(μ, 1/σ) of LN_k over each anchor, the Gram matrices V_c V_cᵀ, all (C, M[, M]), and the additive mask.
-        Cached per anchor tensor (its storage and in-place version), so they are computed once, not per batch."""
-        key = (anchors.data_ptr(), anchors._version, anchors.dtype, anchors.device, anchor_mask._version)
-        if self._anchor_cache is None or self._anchor_cache[0] != key:
-            variance, mean = torch.var_mean(anchors, dim=-1, unbiased=False)  # (C, M) each
-            inv_std = torch.rsqrt(variance + self.key_norm.eps)  # (C, M)
-            gram = torch.bmm(anchors, anchors.transpose(1, 2))  # (C, M, M)
-            mask_bias = torch.zeros(anchor_mask.shape, dtype=anchors.dtype, device=anchors.device)
-            mask_bias.masked_fill_(~anchor_mask, float("-inf"))  # (C, M)
-            self._anchor_cache = (key, mean, inv_std, gram, mask_bias)
-        return self._anchor_cache[1:]
+    def refresh_anchor_statistics(self, anchors: torch.Tensor, anchor_mask: torch.Tensor) -> None:
+        """Recomputes (μ, 1/σ) of LN_k over each anchor, the Gram matrices V_c V_cᵀ and the additive padding mask
+        from `anchors` (C, M, D) and `anchor_mask` (C, M), in the anchors' dtype."""
+        variance, mean = torch.var_mean(anchors, dim=-1, unbiased=False)  # (C, M) each
+        self.anchor_mean = mean
+        self.anchor_inv_std = torch.rsqrt(variance + self.key_norm.eps)  # (C, M)
+        self.anchor_gram = torch.bmm(anchors, anchors.transpose(1, 2))  # (C, M, M)
+        mask_bias = torch.zeros(anchor_mask.shape, dtype=anchors.dtype, device=anchors.device)
+        self.anchor_mask_bias = mask_bias.masked_fill_(~anchor_mask, float("-inf"))  # (C, M)
 
     def forward(
         self,
@@ -223,8 +251,9 @@ class VLLTRTextBranch(nn.Module):
         anchor_mask: torch.Tensor,
         logit_scale: torch.Tensor,
     ) -> torch.Tensor:
+        """P_T (B, C) from E_I (B, D) and the anchors V (C, M, D) whose statistics `refresh_anchor_statistics` holds."""
         num_classes, num_anchors, dim = anchors.shape
-        mean, inv_std, gram, mask_bias = self.anchor_statistics(anchors, anchor_mask)
+        mean, inv_std, gram, mask_bias = self.anchor_mean, self.anchor_inv_std, self.anchor_gram, self.anchor_mask_bias
 
         query = self.query_proj(self.query_norm(image_embeds))  # Q (B, D)
         query = query @ self.key_proj.weight  # Q' = Q·W_k (B, D): K = LN_k(V)·W_kᵀ is never built
@@ -299,6 +328,11 @@ def _check_pixel_values(pixel_values: torch.Tensor | None, config: VLLTRConfig, 
         )
 
 
+def _is_tracing() -> bool:
+    """True under `torch.compile` or `torch.export`, where checks that read tensor values cannot run."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def _check_labels(labels: torch.Tensor, batch_size: int, num_labels: int) -> None:
     if labels.dtype.is_floating_point:
         if tuple(labels.shape) != (batch_size, num_labels):
@@ -309,6 +343,8 @@ def _check_labels(labels: torch.Tensor, batch_size: int, num_labels: int) -> Non
         return
     if tuple(labels.shape) != (batch_size,):
         raise ValueError(f"labels must be class ids of shape ({batch_size},), got {tuple(labels.shape)}.")
+    if _is_tracing():
+        return  # the range check reads tensor values: it stays out of an exported or compiled graph
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
         bad = labels[(labels < 0) | (labels >= num_labels)].unique().tolist()
         raise ValueError(f"labels must lie in [0, {num_labels}), got {bad}.")
@@ -359,8 +395,50 @@ def anchors_closest_to_mean(text_embeds: torch.Tensor, num_anchors: int) -> torc
     return torch.sort(-similarity, stable=True).indices[:num_anchors]
 
 
+def _describe_class_mismatch(saved: list[str], wanted: list[str]) -> str | None:
+    """None when `wanted` orders the same class names as `saved`; else which names are unknown / missing."""
+    unknown = [name for name in wanted if name not in saved]
+    missing = [name for name in saved if name not in wanted]
+    if not unknown and not missing and len(saved) == len(wanted):
+        return None
+    return (
+        "; ".join(
+            f"{label}: {names[:10]}{' ...' if len(names) > 10 else ''}"
+            for label, names in (("not in the checkpoint", unknown), ("missing from id2label", missing))
+            if names
+        )
+        or f"{len(wanted)} names for the checkpoint's {len(saved)} classes"
+    )
+
+
+def _class_mismatch_message(source: str, described: str) -> str:
+    return (
+        f"id2label does not name the classes that the anchors and classifier rows of {source} belong to "
+        f"({described}). Pass the checkpoint's class names (in any order), or ignore_mismatched_sizes=True to start "
+        f"a new head whose anchors must be rebuilt."
+    )
+
+
+def _raise_if_class_names_differ(pretrained_model_name_or_path, kwargs: dict) -> None:
+    """After transformers refused a checkpoint for a size mismatch: if the `id2label` passed names other classes
+    than the checkpoint's `anchor_class_names`, raise a `ValueError` naming them."""
+    hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+    config = kwargs.get("config")
+    id2label = config.id2label if isinstance(config, PreTrainedConfig) else kwargs.get("id2label")
+    saved = VLLTRConfig.from_pretrained(pretrained_model_name_or_path, **hub).anchor_class_names
+    if id2label is None or saved is None:
+        return
+    wanted = [str(id2label[key]) for key in sorted(id2label, key=int)]
+    described = _describe_class_mismatch(saved, wanted)
+    if described is not None:
+        raise ValueError(_class_mismatch_message(str(pretrained_model_name_or_path), described))
+
+
 def _recheck_anchors_after_load(module: nn.Module, incompatible_keys) -> None:
-    module._anchors_checked = False  # new anchors arrived through load_state_dict: check them before the next forward
+    # new anchors arrived through load_state_dict: refresh their statistics now, check them before the next forward
+    module._anchors_checked = False
+    if module.config.head_type == "lgr":
+        module.text_branch.refresh_anchor_statistics(module.anchor_text_embeds, module.anchor_mask)
 
 
 class VLLTRPreTrainedModel(PreTrainedModel):
@@ -394,6 +472,9 @@ class VLLTRPreTrainedModel(PreTrainedModel):
             ) from None
 
     def _init_weights(self, module):
+        """The head's init. The CLIP parts (`self.clip`, a `CLIPModel`) get CLIP's own `_init_weights`: transformers
+        dispatches every sub-model to its own (`logit_scale` is set by `initialize_weights`). `transformers.initialization`
+        skips every tensor already loaded from a checkpoint, so loaded weights and anchors are never overwritten."""
         # Container modules without parameters of their own (VLLTRTextBranch, VLLTRImageBranch) are skipped by
         # transformers' initialisation of custom code, so everything is set from the leaves or the top model.
         std = self.config.initializer_range
@@ -406,12 +487,23 @@ class VLLTRPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, VLLTRCosineClassifier):
             init.normal_(module.weight, std=std)
-        elif isinstance(module, VLLTRForImageClassification) and module.config.head_type == "lgr":
+        if isinstance(module, VLLTRForImageClassification) and module.config.head_type == "lgr":
             # reference `_init_weights`: W_q and W_k start as the identity (runs after the leaves' normal init)
             init.eye_(module.text_branch.query_proj.weight)
             init.eye_(module.text_branch.key_proj.weight)
             init.zeros_(module.anchor_text_embeds)
             init.zeros_(module.anchor_mask)  # no anchors yet: forward refuses to run until they are set
+            branch = module.text_branch
+            for buffer in (branch.anchor_mean, branch.anchor_inv_std, branch.anchor_gram, branch.anchor_mask_bias):
+                init.zeros_(buffer)  # derived from the anchors; refreshed when they are set or loaded
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """`PreTrainedModel.initialize_weights`, then `clip.logit_scale` = `clip_config.logit_scale_init_value`
+        (log(1/0.07)) unless it was loaded: `CLIPModel` sets it in its constructor only, so a build on the meta device
+        (`from_pretrained` with the key missing) would otherwise keep whatever memory it got."""
+        super().initialize_weights()
+        init.constant_(self.clip.logit_scale, self.config.clip_config.logit_scale_init_value)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus an `auto_map` for every Auto class this checkpoint serves, so
@@ -436,6 +528,7 @@ class VLLTRModel(VLLTRPreTrainedModel):
     it. A plain CLIP checkpoint loads into it with `VLLTRModel.from_pretrained("openai/clip-vit-base-patch16")`.
     """
 
+    main_input_name = "input_ids"  # the first argument of `forward`, as for `CLIPModel`
     input_modalities = ("image", "text")
     _auto_map_classes = ("AutoModel", "AutoModelForZeroShotImageClassification")
 
@@ -445,43 +538,71 @@ class VLLTRModel(VLLTRPreTrainedModel):
         self.clip = CLIPModel(config.clip_config)
         self.post_init()
 
+    @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
-    ) -> torch.FloatTensor:
-        """E_I: projected, not normalised image embeddings `(batch_size, projection_dim)`."""
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        """The CLIP vision tower's output, as `CLIPModel.get_image_features` returns it: `pooler_output` is E_I, the
+        projected, not normalised image embedding `(batch_size, projection_dim)`."""
         _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
         return self.clip.get_image_features(
-            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
-        ).pooler_output
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+        )
 
+    @can_return_tuple
     def get_text_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.FloatTensor:
-        """E_T: projected, not normalised text embeddings `(batch_size, projection_dim)`."""
-        return self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        """The CLIP text tower's output, as `CLIPModel.get_text_features` returns it: `pooler_output` is E_T, the
+        projected, not normalised text embedding `(batch_size, projection_dim)`."""
+        return self.clip.get_text_features(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
         interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> VLLTRModelOutput:
-        """Like `CLIPModel.forward` (same argument order): scaled similarities of every image to every text."""
+        r"""
+        Like `CLIPModel.forward` (same arguments, same order): scaled similarities of every image to every text.
+
+        return_loss (`bool`, *optional*):
+            Return CLIP's symmetric contrastive loss of the batch as `loss`.
+        """
         if input_ids is None:
             raise ValueError(
                 "VLLTRModel.forward needs input_ids and pixel_values (use get_image_features for images)."
             )
-        image_embeds = F.normalize(self.get_image_features(pixel_values, interpolate_pos_encoding), dim=-1)
-        text_embeds = F.normalize(self.get_text_features(input_ids, attention_mask), dim=-1)
+        vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, **kwargs)
+        text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, **kwargs)
+        image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)  # E_I / ‖E_I‖ (N_img, D)
+        text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)  # E_T / ‖E_T‖ (N_txt, D)
         logit_scale = self.clip.logit_scale.exp()  # 1/τ, learnable and not clamped (reference CVLP)
         logits_per_image = logit_scale * image_embeds @ text_embeds.T  # (N_img, N_txt)
+        loss = image_text_contrastive_loss(logits_per_image.T) if return_loss else None
         return VLLTRModelOutput(
+            loss=loss,
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.T,
             text_embeds=text_embeds,
             image_embeds=image_embeds,
             logit_scale=logit_scale,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
         )
 
 
@@ -495,6 +616,10 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
     With `config.head_type == "fc"` the head is a single linear classifier on E_I (the paper's FC ablation) and
     there are no anchors. With `config.head_type == "cosine"` it is LIFT's cosine classifier `s·cos(E_I, w_c)`
     ([`VLLTRCosineClassifier`]), whose logits are the prediction.
+
+    The CLIP text tower, `text_projection` and `logit_scale` stay in the model (anchors are made and extended with
+    them, and the text branch uses the stage-1 temperature) but `forward` never trains them: they are built with
+    `requires_grad=False`, so DDP and gradient checkpointing need no `find_unused_parameters`.
     """
 
     input_modalities = ("image",)
@@ -517,6 +642,17 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
         self._anchors_checked = False
         self.register_load_state_dict_post_hook(_recheck_anchors_after_load)
         self.post_init()
+        self._freeze_unused_parameters()
+
+    def _freeze_unused_parameters(self) -> None:
+        # unused by forward (P_T reads the stored anchors and a detached stage-1 τ): frozen, but kept in the checkpoint
+        for module in (self.clip.text_model, self.clip.text_projection):
+            module.requires_grad_(False)
+        self.clip.logit_scale.requires_grad_(False)
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The vision tower's patch embedding: the classifier's input is `pixel_values`, the text tower is unused."""
+        return self.clip.vision_model.get_input_embeddings()
 
     # -- anchors -------------------------------------------------------------------------------------------------------
 
@@ -571,6 +707,8 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
         self._check_anchor_values(embeds, mask)
         self.anchor_text_embeds.copy_(embeds)
         self.anchor_mask.copy_(mask)
+        self.text_branch.refresh_anchor_statistics(self.anchor_text_embeds, self.anchor_mask)
+        self.config.anchor_class_names = self._class_names()
         self._anchors_checked = True
 
     def set_anchor_sentences(self, sentences: list[list[str]] | None) -> None:
@@ -594,6 +732,14 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
                     )
             sentences = [[str(t) for t in class_sentences] for class_sentences in sentences]
         self.config.anchor_sentences = sentences
+
+    def _apply(self, fn, recurse: bool = True):
+        # a dtype or device move casts the anchors: recompute their statistics from the cast anchors (`.to(float64)`
+        # then gives float64-exact statistics, not float32 ones cast up)
+        super()._apply(fn, recurse)
+        if self.config.head_type == "lgr" and not self.anchor_text_embeds.is_meta:
+            self.text_branch.refresh_anchor_statistics(self.anchor_text_embeds, self.anchor_mask)
+        return self
 
     def _check_anchor_values(self, embeds: torch.Tensor, mask: torch.Tensor, source: str = "") -> None:
         where = f" in {source}" if source else ""
@@ -624,9 +770,14 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
             result = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         except RuntimeError as error:
             if "ignore_mismatched_sizes" in str(error):  # transformers' message names no tensor: find the anchors
+                _raise_if_class_names_differ(pretrained_model_name_or_path, kwargs)
                 _raise_if_anchor_shapes_differ(pretrained_model_name_or_path, kwargs)
             raise
         model = result[0] if isinstance(result, tuple) else result
+        model._freeze_unused_parameters()  # loading replaced the parameters
+        model._follow_label_map(str(pretrained_model_name_or_path), kwargs.get("ignore_mismatched_sizes", False))
+        if model.config.head_type == "lgr":
+            model.text_branch.refresh_anchor_statistics(model.anchor_text_embeds, model.anchor_mask)
         if model.config.head_type == "lgr" and model.anchor_mask.any():
             # Anchors came from the checkpoint: refuse NaN / a class without anchors now, not at the first batch.
             # (A checkpoint without anchors, e.g. stage 1, is fine: forward asks for them.)
@@ -865,6 +1016,63 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
         self.train(was_training)
         return torch.cat(chunks)
 
+    # -- label map ---------------------------------------------------------------------------------------------------
+
+    def _class_names(self) -> list[str]:
+        id2label = {int(k): v for k, v in self.config.id2label.items()}  # a keyword override may keep "0" keys
+        return [str(id2label[i]) for i in range(self.config.num_labels)]
+
+    def _class_rows(self) -> list[torch.Tensor]:
+        """Every tensor whose first dimension is the class: anchors, mask and the last layer of the classifier."""
+        if self.config.head_type in ("fc", "cosine"):  # the cosine head has no bias
+            return [p for p in (self.classifier.weight, getattr(self.classifier, "bias", None)) if p is not None]
+        fc2 = self.image_branch.fc2
+        return [self.anchor_text_embeds, self.anchor_mask, fc2.weight, fc2.bias]
+
+    @torch.no_grad()
+    def _follow_label_map(self, source: str, ignore_mismatched_sizes: bool) -> None:
+        """After loading: if `id2label` orders the checkpoint's classes (`config.anchor_class_names`) differently,
+        permute the anchors, mask and classifier rows to follow it; refuse unknown or missing class names, or with
+        `ignore_mismatched_sizes` drop the anchors and start the classifier rows afresh."""
+        saved, wanted = self.config.anchor_class_names, self._class_names()
+        if saved is None or list(saved) == wanted:
+            self.config.anchor_class_names = wanted
+            return
+        described = _describe_class_mismatch(saved, wanted)
+        if described is None:
+            order = torch.tensor([saved.index(name) for name in wanted])
+            for rows in self._class_rows():
+                rows.copy_(rows[order.to(rows.device)])
+            moved = sum(int(i != j) for i, j in enumerate(order.tolist()))
+            logger.warning(
+                f"{source}: id2label orders the checkpoint's {len(wanted)} classes differently; the anchors and "
+                f"classifier rows of {moved} classes were permuted to follow it (e.g. {wanted[0]!r} is now id 0)."
+            )
+            self.config.anchor_class_names = wanted
+            return
+        if not ignore_mismatched_sizes:
+            raise ValueError(_class_mismatch_message(source, described))
+        logger.warning(
+            f"{source}: id2label names other classes than the checkpoint's ({described}). ignore_mismatched_sizes="
+            f"True: the anchors are dropped and the classifier rows start afresh; rebuild the anchors "
+            f"(python -m training.run_select_anchors, or set_anchor_embeddings) and train the head."
+        )
+        if self.config.head_type == "lgr":
+            self.anchor_text_embeds.zero_()
+            self.anchor_mask.zero_()
+            self._anchors_checked = False
+        weight, *bias = self._class_rows()[-2:] if self.config.head_type != "cosine" else self._class_rows()
+        nn.init.trunc_normal_(weight, std=self.config.initializer_range)
+        for b in bias:
+            nn.init.zeros_(b)
+        self.config.anchor_class_names = wanted
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Records the class names its anchors and classifier rows belong to (`config.anchor_class_names`), then
+        saves like [`VLLTRPreTrainedModel.save_pretrained`]."""
+        self.config.anchor_class_names = self._class_names()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     # -- forward -------------------------------------------------------------------------------------------------------
 
     def _vision_tower_trainable(self) -> bool:
@@ -872,37 +1080,48 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
             p.requires_grad for p in self.clip.vision_model.parameters()
         )
 
+    @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
-    ) -> torch.FloatTensor:
-        """E_I: projected, not normalised image embeddings `(batch_size, projection_dim)`. A frozen tower builds no
-        autograd graph."""
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        """The CLIP vision tower's output, as `CLIPModel.get_image_features` returns it: `pooler_output` is E_I, the
+        projected, not normalised image embedding `(batch_size, projection_dim)`. A frozen tower builds no autograd
+        graph."""
         _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._vision_tower_trainable()):
             return self.clip.get_image_features(
-                pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
-            ).pooler_output
+                pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+            )
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.FloatTensor | None = None,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> VLLTRImageClassifierOutput:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size,)` or `torch.FloatTensor` of shape `(batch_size, num_labels)`,
         *optional*): class ids in `[0, num_labels)`, or soft targets (mixup / cutmix). Gives `loss`.
         """
-        image_embeds = self.get_image_features(pixel_values, interpolate_pos_encoding)  # E_I (B, D)
+        vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, **kwargs)
+        image_embeds = vision_outputs.pooler_output  # E_I (B, D)
         if labels is not None:
             _check_labels(labels, image_embeds.shape[0], self.config.num_labels)
+        tower = {"hidden_states": vision_outputs.hidden_states, "attentions": vision_outputs.attentions}
 
         if self.config.head_type in ("fc", "cosine"):
             logits = self.classifier(image_embeds)  # (B, C)
             loss = soft_target_cross_entropy(logits, labels) if labels is not None else None
-            return VLLTRImageClassifierOutput(loss=loss, logits=logits, image_logits=logits, image_embeds=image_embeds)
+            return VLLTRImageClassifierOutput(
+                loss=loss, logits=logits, image_logits=logits, image_embeds=image_embeds, **tower
+            )
 
-        if not self._anchors_checked:
+        if not self._anchors_checked and not _is_tracing():
             self.check_anchors()
         image_logits = self.image_branch(image_embeds)  # P_I (B, C)
         # τ is the stage-1 learned temperature, frozen in stage 2 (reference LGR: requires_grad=False)
@@ -915,7 +1134,12 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
             loss = soft_target_cross_entropy(image_logits, labels) + soft_target_cross_entropy(text_logits, labels)
         logits = fused_log_probabilities(image_logits, text_logits, self.config.fusion_alpha, self._text_only_mask())
         return VLLTRImageClassifierOutput(
-            loss=loss, logits=logits, image_logits=image_logits, text_logits=text_logits, image_embeds=image_embeds
+            loss=loss,
+            logits=logits,
+            image_logits=image_logits,
+            text_logits=text_logits,
+            image_embeds=image_embeds,
+            **tower,
         )
 
 

@@ -224,9 +224,9 @@ def test_evaluate_reports_sentence_retrieval(tiny_clip_dir, stage1_data, tmp_pat
     corpus, tokens, _ = stage1_data
     model = trainer.model.eval()
     with torch.no_grad():
-        text = F.normalize(model.get_text_features(tokens.input_ids, tokens.attention_mask), dim=-1)
+        text = F.normalize(model.get_text_features(tokens.input_ids, tokens.attention_mask).pooler_output, dim=-1)
         pixels = torch.stack([eval_dataset[i]["pixel_values"] for i in range(len(eval_dataset))])
-        image = F.normalize(model.get_image_features(pixels), dim=-1)
+        image = F.normalize(model.get_image_features(pixels).pooler_output, dim=-1)
     nearest = torch.as_tensor(corpus.labels)[(image @ text.T).argmax(-1)]
     expected = (nearest == torch.as_tensor(eval_dataset.labels)).float().mean().item()
     assert metrics["eval_image_top1"] == pytest.approx(expected)

@@ -119,7 +119,7 @@ def test_knn_head_from_the_training_images(heads_run, lt_dataset):
         images = [Image.open(f"{lt_dataset['root']}/{path}").convert("RGB") for path, _ in lines]
         with torch.no_grad():
             pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-            embeds = F.normalize(stage1.get_image_features(pixels).double(), dim=-1)
+            embeds = F.normalize(stage1.get_image_features(pixels).pooler_output.double(), dim=-1)
         return embeds.numpy(), np.array([int(label) for _, label in lines])
 
     memory, memory_labels = embed(lt_dataset["train"])

@@ -24,7 +24,7 @@ def test_cosine_head_matches_its_formula_and_round_trips(tmp_path):
     labels = torch.tensor([0, 4, 2])
     with torch.no_grad():
         out = model(pixel_values=x, labels=labels)
-        e = model.get_image_features(x)  # E_I (B, D)
+        e = model.get_image_features(x).pooler_output  # E_I (B, D)
     w = model.classifier.weight.detach()
     expected = torch.empty(3, 5)
     for b in range(3):  # s·cos(E_I, w_c), one entry at a time

@@ -34,9 +34,9 @@ def test_resized_model_equals_clip_interpolating_its_position_embeddings(tiny_cl
     # interpolation of the 32 px embeddings (which uses torch's other bicubic kernel, a = −0.75, so not equal)
     pixels = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        plain = resized.get_image_features(pixels)
-        interpolated = original.get_image_features(pixels, interpolate_pos_encoding=True)
-        unresized = original.get_image_features(F.interpolate(pixels, size=(32, 32), mode="bilinear"))
+        plain = resized.get_image_features(pixels).pooler_output
+        interpolated = original.get_image_features(pixels, interpolate_pos_encoding=True).pooler_output
+        unresized = original.get_image_features(F.interpolate(pixels, size=(32, 32), mode="bilinear")).pooler_output
     assert (plain - interpolated).abs().max() < 0.2 * (plain - unresized).abs().max()
     with pytest.raises(ValueError, match="multiple of the patch size"):
         resize_image_size(resized, 50)

@@ -75,8 +75,10 @@ def test_inaturalist_mode_scores_on_augmented_square_root_draws(tiny_clip_dir, l
     corpus = build_class_corpus(read_class_names(d["classes"]), d["corpus"])
     tokens = tokenize_corpus(corpus, AutoTokenizer.from_pretrained(tiny_clip_dir), cache_dir=tmp_path)
     with torch.no_grad():
-        images = F.normalize(model.get_image_features(pixels), dim=-1)  # (K, D)
-        texts = F.normalize(model.get_text_features(tokens.input_ids, tokens.attention_mask), dim=-1)  # (S, D)
+        images = F.normalize(model.get_image_features(pixels).pooler_output, dim=-1)  # (K, D)
+        texts = F.normalize(
+            model.get_text_features(tokens.input_ids, tokens.attention_mask).pooler_output, dim=-1
+        )  # (S, D)
         scale = model.clip.logit_scale.exp()
     expected = []
     for t, label in zip(texts, corpus.labels.tolist()):

@@ -23,7 +23,6 @@ from modeling_vlltr import VLLTRForImageClassification
 from .arguments import CorpusArguments, ModelArguments
 from .cli import (
     UsageError,
-    history_entry,
     load_checked,
     parse_args,
     prepare_output_dir,
@@ -34,6 +33,7 @@ from .cli import (
 from .corpus import build_class_corpus
 from .data import eval_image_processor
 from .io_utils import atomic_write_json
+from .model_card import history_entry
 from .splits import read_class_names
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.output_dir and source.is_dir() and Path(args.output_dir).resolve() == source.resolve():
         raise UsageError("--output_dir must differ from --model_name_or_path: the input checkpoint is left untouched.")
     prepare_output_dir(args, "add_classes")
-    hub = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+    hub = model_args.hub_kwargs
 
     # ---- The checkpoint, its tokenizer, and the new classes' sentences ------------------------------------------------
     model = load_checked(
@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--model_name_or_path", AutoTokenizer.from_pretrained, model_args.model_name_or_path, **hub
     )
     names = read_class_names(add_args.class_names)
-    corpus = build_class_corpus(names, corpus_args.text_corpus, corpus_args.use_templates)
+    corpus = build_class_corpus(
+        names, corpus_args.text_corpus, corpus_args.use_templates, corpus_args.drop_duplicate_sentences
+    )
     sentences = [corpus.class_sentences(k) for k in range(len(names))]
 
     # ---- Grow the classifier -------------------------------------------------------------------------------------------

@@ -189,7 +189,7 @@ def prepare_output_dir(training_args, script: str) -> str | None:
         raise UsageError("--push_to_hub needs --hub_model_id org/name (the repository to create or update).")
     out = Path(training_args.output_dir)
     check_output_dir(out)
-    if training_args.process_index == 0:
+    if getattr(training_args, "process_index", 0) == 0:
         lock_output_dir(out)
     resume = getattr(training_args, "resume_from_checkpoint", None)
     if resume is not None and str(resume).lower() in ("last", "true"):

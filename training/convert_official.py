@@ -626,7 +626,7 @@ def compare_stage1(model: VLLTRModel, state: dict, tokenizer, num_images: int = 
     sentences = [f"a photo of a {name}." for name in names] + ["a long-tailed sentence " * 40]
     model.double()
     try:
-        diffs = {"image embeddings": _max_diff(model.get_image_features(pixels), ref_image)}
+        diffs = {"image embeddings": _max_diff(model.get_image_features(pixels).pooler_output, ref_image)}
         diffs.update(
             _text_differences(model.clip, ref_state, tokenizer, sentences, clip.text_config.num_attention_heads)
         )

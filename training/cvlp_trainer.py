@@ -71,11 +71,11 @@ class CVLPTrainer(StageTrainer):
         """The teacher's normalised image and sentence embeddings of a batch, (B, D) each."""
         with self.accelerator.autocast():
             # DeepSpeed casts the batch to its bf16/fp16 student; the teacher is never wrapped and stays float32
-            image = self.teacher.get_image_features(inputs["pixel_values"].to(self.teacher.dtype))
+            image = self.teacher.get_image_features(inputs["pixel_values"].to(self.teacher.dtype)).pooler_output
             if self.args.teacher_text_cache and self.corpus_tokens is not None:
                 text = self._teacher_text_table()[inputs["sentence_ids"]]
             else:
-                text = self.teacher.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+                text = self.teacher.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
         return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
 
     def _teacher_text_table(self) -> torch.Tensor:

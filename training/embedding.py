@@ -27,7 +27,7 @@ def iter_text_embeddings(
             length = int(mask.sum(-1).max())
             embeds = model.get_text_features(
                 input_ids=tokens.input_ids[rows, :length].to(device), attention_mask=mask[:, :length].to(device)
-            )
+            ).pooler_output
             bar.update(rows.stop - rows.start)
             yield rows, embeds.float()
 
@@ -46,7 +46,7 @@ def embed_images(model, dataset, batch_size: int = 64, num_workers: int = 0, des
     parts = []
     with torch.no_grad():
         for batch in tqdm(loader, desc=desc, disable=not desc, unit="batch", leave=False):
-            parts.append(model.get_image_features(batch["pixel_values"].to(device)).float())
+            parts.append(model.get_image_features(batch["pixel_values"].to(device)).pooler_output.float())
     return torch.cat(parts)
 
 

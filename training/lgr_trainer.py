@@ -15,6 +15,9 @@ from .stage_trainer import StageTrainer
 logger = logging.get_logger(__name__)
 
 ATTENTION_PREFIX = "text_branch."
+# Evaluation hands `LongTailMetrics` (logits, image_logits, text_logits): only these output keys are left out (the
+# model config's `keys_to_ignore_at_inference` also leaves out the branch logits, for a stock `compute_metrics`).
+BRANCH_EVAL_IGNORE_KEYS = ["image_embeds", "hidden_states", "attentions"]
 
 
 class LGRTrainer(StageTrainer):
@@ -30,6 +33,7 @@ class LGRTrainer(StageTrainer):
       built from the `LGRConfig` settings; evaluation batches are never mixed.
     - With `logit_adjustment` τ > 0 the image-branch term is the logit-adjusted CE(P_I + τ·log π, y), π from the
       training dataset's class counts (`train_dataset.labels`); the saved model's logits are not adjusted.
+    - Evaluation hands `compute_metrics` the branch logits too: `(logits, image_logits, text_logits)`.
     """
 
     def __init__(self, model=None, args=None, data_collator=None, *more, **kwargs):
@@ -137,6 +141,10 @@ class LGRTrainer(StageTrainer):
                 loss_text=soft_target_cross_entropy(outputs.text_logits.detach(), labels),
             )
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        ignore_keys = BRANCH_EVAL_IGNORE_KEYS if ignore_keys is None else ignore_keys
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def _with_eval_collator(self, make_loader, *args):
         collator, self.data_collator = self.data_collator, eval_collator

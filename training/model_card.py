@@ -140,8 +140,25 @@ def _hub_id(name: str | None) -> str | None:
     return name
 
 
+def _portable(value, root: str | None = None):
+    """A setting as a card may show it: no absolute path of the training machine. An absolute path becomes relative
+    to `root` (the run's image root) when it lies under it, else its last component; other values are unchanged."""
+    if not isinstance(value, str) or not os.path.isabs(value):
+        return value
+    if root and os.path.isabs(root):
+        relative = os.path.relpath(value, root)
+        if not relative.startswith(".."):
+            return relative
+    return Path(value).name or value
+
+
+def _portable_settings(settings: dict) -> dict:
+    root = settings.get("image_root")
+    return {k: _portable(v, root if k != "image_root" else None) for k, v in settings.items()}
+
+
 def _results(entry: dict) -> dict:
-    results, settings = entry["results"], entry["settings"]
+    results, settings = entry["results"], _portable_settings(entry["settings"])
     rows = [("fused (α)" if results.get("text_top1") is not None else "classifier", "")]
     if results.get("image_top1") is not None:
         rows.append(("image branch P_I", "image_"))
@@ -191,7 +208,7 @@ def build_model_card(
     eval_results = []
     if "eval" in stages:
         results = stages["eval"]["results"]
-        split = stages["eval"]["settings"].get("test_file")
+        split = _portable_settings(stages["eval"]["settings"]).get("test_file")
         for key, label in (("top1", "Top-1"), ("top5", "Top-5"), ("many_top1", "Top-1 many-shot"),
                            ("medium_top1", "Top-1 medium-shot"), ("few_top1", "Top-1 few-shot")):  # fmt: skip
             value = results.get(key)
@@ -254,7 +271,7 @@ def build_model_card(
                     "title": heading,
                     "description": description
                     + f" Run with `python -m training.{entry['script']}` on {entry.get('date', '?')}.",
-                    "settings": [(k, _fmt(v)) for k, v in entry["settings"].items()],
+                    "settings": [(k, _fmt(v)) for k, v in _portable_settings(entry["settings"]).items()],
                     "results": [(k, _fmt(v)) for k, v in entry.get("results", {}).items()],
                 }
             )
@@ -267,7 +284,7 @@ def build_model_card(
         quick_start=quick_start,
         stages=stage_list,
         num_classes=num_classes,
-        base_model_text=base_model or "unknown",
+        base_model_text=_hub_id(base_model) or _portable(base_model) or "unknown",
         reported=(converted or {}).get("reported"),
         extra_limitations=_added_classes_limitation(config),
     )
