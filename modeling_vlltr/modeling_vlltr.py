@@ -579,15 +579,19 @@ class VLLTRModel(VLLTRPreTrainedModel):
     ) -> VLLTRModelOutput:
         r"""
         Like `CLIPModel.forward` (same arguments, same order): scaled similarities of every image to every text.
+        Given images alone (no `input_ids`), only `image_embeds` (and `vision_model_output`) are returned, so the
+        output's first tensor is the L2-normalised image embedding E_I / ‖E_I‖: what
+        `pipeline("image-feature-extraction")` returns for a stage-1 checkpoint.
 
         return_loss (`bool`, *optional*):
             Return CLIP's symmetric contrastive loss of the batch as `loss`.
         """
-        if input_ids is None:
-            raise ValueError(
-                "VLLTRModel.forward needs input_ids and pixel_values (use get_image_features for images)."
-            )
+        if pixel_values is None:
+            raise ValueError("VLLTRModel.forward needs pixel_values (and input_ids for image-text similarities).")
         vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, **kwargs)
+        if input_ids is None:  # images alone (e.g. `pipeline("image-feature-extraction")`): E_I / ‖E_I‖ comes first
+            image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)  # (N_img, D)
+            return VLLTRModelOutput(image_embeds=image_embeds, vision_model_output=vision_outputs)
         text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, **kwargs)
         image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)  # E_I / ‖E_I‖ (N_img, D)
         text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)  # E_T / ‖E_T‖ (N_txt, D)

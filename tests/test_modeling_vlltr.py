@@ -418,6 +418,23 @@ def test_zero_shot_pipeline_on_stage1_checkpoint(tiny_clip_dir, tmp_path):
     assert abs(sum(r["score"] for r in results) - 1.0) < 1e-5
 
 
+def test_image_feature_extraction_pipeline_on_stage1_checkpoint(tiny_clip_dir, tmp_path):
+    """Images alone through VLLTRModel give E_I / ‖E_I‖ first, so the stock pipeline returns image features."""
+    model = VLLTRModel.from_pretrained(tiny_clip_dir).eval()
+    model.save_pretrained(tmp_path)
+    processor = eval_image_processor(IMAGE_SIZE)
+    processor.save_pretrained(tmp_path)
+    extractor = pipeline("image-feature-extraction", model=str(tmp_path), device="cpu")
+    features = torch.tensor(extractor(_photo(), return_tensors=False))  # (1, D)
+    with torch.no_grad():
+        pixels = processor(images=_photo(), return_tensors="pt")["pixel_values"]
+        expected = F.normalize(model.get_image_features(pixels).pooler_output, dim=-1)
+    assert features.shape == (1, PROJECTION_DIM)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs pixel_values"):
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
 def test_remote_code_in_a_fresh_process_without_the_package(tiny_classifier, tmp_path):
     """The checkpoint loads with trust_remote_code=True in a process where `modeling_vlltr` cannot be imported."""
     ckpt = tmp_path / "ckpt"
