@@ -134,7 +134,12 @@ def pretrain_standin_clip(data: dict, out: Path, seed: int, epochs: int = 40, ba
     pool = load_labelled_split(
         DataArguments(image_root=data["root"]), data["pool"], None, "pool", class_names=CLASS_NAMES
     )
-    transform = train_transform(32, crop_scale=(0.6, 1.0), hflip=0.0, rand_augment=False, random_erasing=0.0)
+    # Light crops only, drawn by torchvision: the stand-in is not part of VL-LTR, and its contrastive start sits on
+    # a plateau (loss ln(batch)) it leaves only after a few hundred steps; with timm's crops (the VL-LTR default since
+    # the reference augmentation) seed 0 never left it and the stand-in stayed at chance.
+    transform = train_transform(
+        32, crop_scale=(0.6, 1.0), hflip=0.0, rand_augment=False, random_erasing=0.0, augmentation="torchvision"
+    )
     dataset = pool.dataset(transform)
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)

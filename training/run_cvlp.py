@@ -30,10 +30,9 @@ from .corpus import load_corpus
 from .cvlp_config import CVLPConfig
 from .cvlp_trainer import CVLPTrainer
 from .data import ProcessorTransform, eval_image_processor, train_transform_from_args
-from .io_utils import DataError
 from .model_card import history_entry, schedule_settings
 from .resolution import resize_image_size
-from .splits import checkpoint_class_names, load_labelled_split
+from .splits import checkpoint_class_names, load_training_splits
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -47,16 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- Data -------------------------------------------------------------------------------------------------------
     config = load_checked("--model_name_or_path", VLLTRConfig.from_pretrained, model_args.model_name_or_path, **hub)
-    train = load_labelled_split(
-        data_args, data_args.train_file, data_args.train_split, "training split",
-        checkpoint_names=checkpoint_class_names(config), min_classes=2,
-    )  # fmt: skip
-    if train is None:
-        raise DataError("Give the training images: --train_file (a list file or iNaturalist JSON) or --dataset_name.")
+    train, evaluation = load_training_splits(data_args, checkpoint_class_names(config))
     class_names = train.class_names
-    evaluation = load_labelled_split(
-        data_args, data_args.eval_file, data_args.eval_split, "evaluation split", class_names=class_names
-    )
     tokenizer = load_checked(
         "--model_name_or_path", AutoTokenizer.from_pretrained, model_args.model_name_or_path, **hub
     )

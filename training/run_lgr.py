@@ -32,7 +32,7 @@ from .lgr_config import LGRConfig
 from .lgr_trainer import LGRTrainer
 from .metrics import LongTailMetrics
 from .model_card import history_entry, schedule_settings
-from .splits import checkpoint_class_names, load_labelled_split
+from .splits import checkpoint_class_names, load_training_splits
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -60,20 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
         add_lora(model, adapter_args, towers=("vision",), seed=args.seed)
 
     # ---- Data ---------------------------------------------------------------------------------------------------------
-    train = load_labelled_split(
-        data_args, data_args.train_file, data_args.train_split, "training split",
-        checkpoint_names=checkpoint_class_names(model.config), min_classes=2,
-    )  # fmt: skip
-    if train is None:
-        raise DataError("Give the training images: --train_file (a list file or iNaturalist JSON) or --dataset_name.")
+    train, evaluation = load_training_splits(data_args, checkpoint_class_names(model.config))
     if train.num_classes != model.config.num_labels:
         raise DataError(
             f"--model_name_or_path {model_args.model_name_or_path} classifies {model.config.num_labels} classes but "
             f"the training data has {train.num_classes}; use the anchor-selection output for this dataset."
         )
-    evaluation = load_labelled_split(
-        data_args, data_args.eval_file, data_args.eval_split, "evaluation split", class_names=train.class_names
-    )
     image_size = model.config.clip_config.vision_config.image_size
     image_processor = eval_image_processor(image_size)
     train_dataset = train.dataset(train_transform_from_args(aug_args, image_size))

@@ -25,12 +25,11 @@ from .cli import load_checked, parse_args, prepare_output_dir, record_run, run_m
 from .corpus import IMAGENET_TEMPLATES
 from .data import ProcessorTransform, eval_image_processor, train_transform_from_args
 from .embedding import prompt_embeddings
-from .io_utils import DataError
 from .lgr_trainer import LGRTrainer
 from .lift_config import LIFTArguments, LIFTConfig
 from .metrics import LongTailMetrics
 from .model_card import history_entry, schedule_settings
-from .splits import checkpoint_class_names, load_labelled_split
+from .splits import checkpoint_class_names, load_training_splits
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,16 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- Data ---------------------------------------------------------------------------------------------------------
     config = load_checked("--model_name_or_path", VLLTRConfig.from_pretrained, model_args.model_name_or_path, **hub)
-    train = load_labelled_split(
-        data_args, data_args.train_file, data_args.train_split, "training split",
-        checkpoint_names=checkpoint_class_names(config), min_classes=2,
-    )  # fmt: skip
-    if train is None:
-        raise DataError("Give the training images: --train_file (a list file or iNaturalist JSON) or --dataset_name.")
+    train, evaluation = load_training_splits(data_args, checkpoint_class_names(config))
     class_names = train.class_names
-    evaluation = load_labelled_split(
-        data_args, data_args.eval_file, data_args.eval_split, "evaluation split", class_names=class_names
-    )
     image_size = config.clip_config.vision_config.image_size
     image_processor = eval_image_processor(image_size)
     train_dataset = train.dataset(train_transform_from_args(aug_args, image_size))

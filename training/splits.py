@@ -398,3 +398,20 @@ def load_labelled_split(
         name, description, source, list(class_names), labels,
         data_args.image_column, data_args.label_column, data_args.image_check,
     )  # fmt: skip
+
+
+def load_training_splits(
+    data_args: DataArguments, checkpoint_names: list[str] | None = None
+) -> tuple[LabelledSplit, LabelledSplit | None]:
+    """What every training script reads: the training split (required, at least two classes) and, when --eval_file
+    / --eval_split is given, the evaluation split, checked against the training split's class list."""
+    train = load_labelled_split(
+        data_args, data_args.train_file, data_args.train_split, "training split",
+        checkpoint_names=checkpoint_names, min_classes=2,
+    )  # fmt: skip
+    if train is None:
+        raise DataError("Give the training images: --train_file (a list file or iNaturalist JSON) or --dataset_name.")
+    evaluation = load_labelled_split(
+        data_args, data_args.eval_file, data_args.eval_split, "evaluation split", class_names=train.class_names
+    )
+    return train, evaluation
