@@ -152,6 +152,16 @@ def train_transform_from_args(aug_args: AugmentationArguments, image_size: int):
     )
 
 
+def training_datasets(train, evaluation, aug_args: AugmentationArguments, image_size: int):
+    """The datasets a training run reads: `train` (a `LabelledSplit`) through the training augmentation and, when
+    given, `evaluation` through the evaluation image processor. Returns `(train_dataset, eval_dataset or None,
+    image_processor)`; the processor is saved with the checkpoint."""
+    image_processor = eval_image_processor(image_size)
+    train_dataset = train.dataset(train_transform_from_args(aug_args, image_size))
+    eval_dataset = evaluation.dataset(ProcessorTransform(image_processor)) if evaluation is not None else None
+    return train_dataset, eval_dataset, image_processor
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Collators
 # ----------------------------------------------------------------------------------------------------------------------

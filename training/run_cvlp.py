@@ -29,7 +29,7 @@ from .cli import UsageError, load_checked, parse_args, prepare_output_dir, recor
 from .corpus import load_corpus
 from .cvlp_config import CVLPConfig
 from .cvlp_trainer import CVLPTrainer
-from .data import ProcessorTransform, eval_image_processor, train_transform_from_args
+from .data import training_datasets
 from .model_card import history_entry, schedule_settings
 from .resolution import resize_image_size
 from .splits import checkpoint_class_names, load_training_splits
@@ -57,9 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     patch_size = config.clip_config.vision_config.patch_size
     if image_size % patch_size:
         raise UsageError(f"--image_size {image_size} must be a multiple of the patch size ({patch_size}).")
-    image_processor = eval_image_processor(image_size)
-    train_dataset = train.dataset(train_transform_from_args(aug_args, image_size))
-    eval_dataset = evaluation.dataset(ProcessorTransform(image_processor)) if evaluation is not None else None
+    train_dataset, eval_dataset, image_processor = training_datasets(train, evaluation, aug_args, image_size)
 
     # ---- Models: the student and the frozen teacher (the CLIP the run starts from) ------------------------------------
     id2label = dict(enumerate(class_names))

@@ -26,7 +26,7 @@ from modeling_vlltr import VLLTRForImageClassification
 from .adapters import ADAPTER_DIR, AdapterArguments, adapter_settings, add_lora, save_adapter
 from .arguments import AugmentationArguments, DataArguments, ModelArguments
 from .cli import UsageError, load_checked, parse_args, prepare_output_dir, record_run, run_main, setup_logging
-from .data import ProcessorTransform, eval_image_processor, train_transform_from_args
+from .data import training_datasets
 from .io_utils import DataError
 from .lgr_config import LGRConfig
 from .lgr_trainer import LGRTrainer
@@ -67,9 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"the training data has {train.num_classes}; use the anchor-selection output for this dataset."
         )
     image_size = model.config.clip_config.vision_config.image_size
-    image_processor = eval_image_processor(image_size)
-    train_dataset = train.dataset(train_transform_from_args(aug_args, image_size))
-    eval_dataset = evaluation.dataset(ProcessorTransform(image_processor)) if evaluation is not None else None
+    train_dataset, eval_dataset, image_processor = training_datasets(train, evaluation, aug_args, image_size)
 
     # ---- Train: the trainer builds the Mixup / CutMix collator from the LGRConfig settings -----------------------------
     try:

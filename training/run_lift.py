@@ -23,7 +23,7 @@ from .adapters import ADAPTER_DIR, adapter_settings, add_lora, save_adapter
 from .arguments import AugmentationArguments, DataArguments, ModelArguments
 from .cli import load_checked, parse_args, prepare_output_dir, record_run, run_main, setup_logging
 from .corpus import IMAGENET_TEMPLATES
-from .data import ProcessorTransform, eval_image_processor, train_transform_from_args
+from .data import training_datasets
 from .embedding import prompt_embeddings
 from .lgr_trainer import LGRTrainer
 from .lift_config import LIFTArguments, LIFTConfig
@@ -46,9 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     train, evaluation = load_training_splits(data_args, checkpoint_class_names(config))
     class_names = train.class_names
     image_size = config.clip_config.vision_config.image_size
-    image_processor = eval_image_processor(image_size)
-    train_dataset = train.dataset(train_transform_from_args(aug_args, image_size))
-    eval_dataset = evaluation.dataset(ProcessorTransform(image_processor)) if evaluation is not None else None
+    train_dataset, eval_dataset, image_processor = training_datasets(train, evaluation, aug_args, image_size)
 
     # ---- The model: CLIP (or a stage-1 VL-LTR) with a cosine head initialised from the class-name prompts -------------
     id2label = dict(enumerate(class_names))

@@ -254,12 +254,14 @@ def checkpoint_class_names(config) -> list[str] | None:
     return names
 
 
-def resolve_class_names(data_args: DataArguments, split_names: list[str] | None, checkpoint_names=None) -> list[str]:
+def resolve_class_names(
+    data_args: DataArguments, split_names: list[str] | None, checkpoint_names=None, source: str = "the split"
+) -> list[str]:
     """Class names from --class_names, else the split (ClassLabel / iNaturalist categories), else the checkpoint.
     When the checkpoint has class names and they differ from the data's, stop and name the difference."""
     names = read_class_names(data_args.class_names) if data_args.class_names else split_names
     if split_names is not None and not data_args.class_names:  # iNaturalist categories, a ClassLabel feature
-        check_class_names(split_names, data_args.train_file or data_args.dataset_name, DataError, first_line=None)
+        check_class_names(split_names, source, DataError, first_line=None)
     if names is None:
         names = checkpoint_names
     if names is None:
@@ -391,7 +393,7 @@ def load_labelled_split(
     if len(source) == 0:
         raise DataError(f"{description}: the split is empty.")
     if class_names is None:
-        class_names = resolve_class_names(data_args, split_names, checkpoint_names)
+        class_names = resolve_class_names(data_args, split_names, checkpoint_names, description)
     labels = check_labels(source, len(class_names), description, data_args.label_column)
     check_split_classes(labels, len(class_names), name, min_classes)
     return LabelledSplit(
