@@ -27,9 +27,9 @@ VLLTRModel.register_for_auto_class("AutoModel")
 VLLTRForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 AutoConfig.register(VLLTRConfig.model_type, VLLTRConfig, exist_ok=True)
-# AutoModel picks the class named in the checkpoint's `architectures`: a stage-1 checkpoint gives VLLTRModel, a
-# stage-2 checkpoint VLLTRForImageClassification (the same as its remote-code auto_map); a bare config VLLTRModel.
-AutoModel.register(VLLTRConfig, (VLLTRModel, VLLTRForImageClassification), exist_ok=True)
+# As in transformers, AutoModel is the base model for every checkpoint (a stage-2 one included, without its head: so
+# `pipeline("image-feature-extraction")` returns image features); AutoModelForImageClassification the classifier.
+AutoModel.register(VLLTRConfig, VLLTRModel, exist_ok=True)
 AutoModelForImageClassification.register(VLLTRConfig, VLLTRForImageClassification, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(VLLTRConfig, VLLTRModel, exist_ok=True)
 

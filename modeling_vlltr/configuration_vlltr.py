@@ -6,7 +6,7 @@ This file ships unchanged as Hub remote code: it imports only transformers and n
 
 from typing import Any
 
-from transformers import CLIPConfig, PreTrainedConfig
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -169,6 +169,17 @@ class VLLTRConfig(PreTrainedConfig):
     def projection_dim(self) -> int:
         """D, the size of CLIP's joint embedding space (image embeddings, text embeddings and anchors)."""
         return self.clip_config.projection_dim
+
+    @property
+    def text_config(self) -> CLIPTextConfig:
+        """The CLIP text tower's config, `clip_config.text_config` (read where transformers reads a composite model's
+        `config.text_config`); not saved twice."""
+        return self.clip_config.text_config
+
+    @property
+    def vision_config(self) -> CLIPVisionConfig:
+        """The CLIP vision tower's config, `clip_config.vision_config`; not saved twice."""
+        return self.clip_config.vision_config
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "VLLTRConfig":

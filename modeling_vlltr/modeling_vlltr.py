@@ -328,6 +328,16 @@ def _check_pixel_values(pixel_values: torch.Tensor | None, config: VLLTRConfig, 
         )
 
 
+def _with_config_output_flags(config: VLLTRConfig, kwargs: dict) -> dict:
+    """`output_hidden_states` / `output_attentions` set on the VL-LTR config (or its `clip_config`) reach the CLIP
+    towers, which read their own sub-configs: as `CLIPModel` honours flags set on its `text_config` / `vision_config`.
+    An explicit argument wins."""
+    for flag in ("output_hidden_states", "output_attentions"):
+        if kwargs.get(flag) is None and (getattr(config, flag, False) or getattr(config.clip_config, flag, False)):
+            kwargs = {**kwargs, flag: True}
+    return kwargs
+
+
 def _is_tracing() -> bool:
     """True under `torch.compile` or `torch.export`, where checks that read tensor values cannot run."""
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
@@ -453,8 +463,13 @@ class VLLTRPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
     # Auto classes written to `auto_map` by `save_pretrained`, besides `AutoConfig` (so the checkpoint loads as remote
-    # code in a process that never installed this package).
-    _auto_map_classes: tuple[str, ...] = ()
+    # code in a process that never installed this package), each with the class it gives. As in transformers,
+    # `AutoModel` is the base model (`VLLTRModel`, a CLIP) for every checkpoint, a classifier's included: that is what
+    # `pipeline("image-feature-extraction")` loads.
+    _auto_map_classes: dict[str, str] = {
+        "AutoModel": "VLLTRModel",
+        "AutoModelForZeroShotImageClassification": "VLLTRModel",
+    }
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -497,6 +512,16 @@ class VLLTRPreTrainedModel(PreTrainedModel):
             for buffer in (branch.anchor_mean, branch.anchor_inv_std, branch.anchor_gram, branch.anchor_mask_bias):
                 init.zeros_(buffer)  # derived from the anchors; refreshed when they are set or loaded
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False, though this code lives outside transformers: for custom code, transformers' initialisation skips every
+        module whose own tensors are already set, a guard for `_init_weights` that write tensors in place. This one
+        uses `transformers.initialization` throughout (which skips loaded tensors itself), and the guard would also
+        skip CLIP's own re-initialisation of its attention and MLP projections (`CLIPPreTrainedModel._init_weights`
+        on `CLIPAttention` / `CLIPMLP`, modules without tensors of their own), so a build from `from_pretrained` with
+        missing keys would differ from `VLLTRModel(config)`."""
+        return False
+
     @torch.no_grad()
     def initialize_weights(self):
         """`PreTrainedModel.initialize_weights`, then `clip.logit_scale` = `clip_config.logit_scale_init_value`
@@ -510,7 +535,7 @@ class VLLTRPreTrainedModel(PreTrainedModel):
         `AutoModel...from_pretrained(dir, trust_remote_code=True)` works without the package installed."""
         self.config.auto_map = {
             "AutoConfig": "configuration_vlltr.VLLTRConfig",
-            **{auto: f"modeling_vlltr.{type(self).__name__}" for auto in self._auto_map_classes},
+            **{auto: f"modeling_vlltr.{name}" for auto, name in self._auto_map_classes.items()},
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -530,7 +555,14 @@ class VLLTRModel(VLLTRPreTrainedModel):
 
     main_input_name = "input_ids"  # the first argument of `forward`, as for `CLIPModel`
     input_modalities = ("image", "text")
-    _auto_map_classes = ("AutoModel", "AutoModelForZeroShotImageClassification")
+    # A stage-2 checkpoint loads into it as a ViT classifier checkpoint loads into `ViTModel`: the head is left out.
+    _keys_to_ignore_on_load_unexpected = [
+        r"^image_branch\.",
+        r"^text_branch\.",
+        r"^classifier\.",
+        r"^anchor_text_embeds$",
+        r"^anchor_mask$",
+    ]
 
     def __init__(self, config: VLLTRConfig):
         super().__init__(config)
@@ -549,7 +581,9 @@ class VLLTRModel(VLLTRPreTrainedModel):
         projected, not normalised image embedding `(batch_size, projection_dim)`."""
         _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
         return self.clip.get_image_features(
-            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+            pixel_values=pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            **_with_config_output_flags(self.config, kwargs),
         )
 
     @can_return_tuple
@@ -563,7 +597,10 @@ class VLLTRModel(VLLTRPreTrainedModel):
         """The CLIP text tower's output, as `CLIPModel.get_text_features` returns it: `pooler_output` is E_T, the
         projected, not normalised text embedding `(batch_size, projection_dim)`."""
         return self.clip.get_text_features(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **_with_config_output_flags(self.config, kwargs),
         )
 
     @can_return_tuple
@@ -627,7 +664,10 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
     """
 
     input_modalities = ("image",)
-    _auto_map_classes = ("AutoModel", "AutoModelForImageClassification")
+    _auto_map_classes = {
+        **VLLTRPreTrainedModel._auto_map_classes,
+        "AutoModelForImageClassification": "VLLTRForImageClassification",
+    }
 
     def __init__(self, config: VLLTRConfig):
         super().__init__(config)
@@ -1097,7 +1137,9 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
         _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._vision_tower_trainable()):
             return self.clip.get_image_features(
-                pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+                pixel_values=pixel_values,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                **_with_config_output_flags(self.config, kwargs),
             )
 
     @can_return_tuple

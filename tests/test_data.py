@@ -184,17 +184,41 @@ def test_sampler_feeds_a_data_loader_end_to_end(lt_dataset, tmp_path, tokenizer)
 
 def test_eval_image_processor_224_settings():
     processor = eval_image_processor(224)
-    assert processor.size == {"shortest_edge": 256}
+    # `size` is the model's input size, as in CLIP's own processor (the stock example script reads it so)
+    assert processor.size == {"shortest_edge": 224}
     assert processor.crop_size == {"height": 224, "width": 224}
     assert int(processor.resample) == int(Image.Resampling.BICUBIC)
     assert processor.do_center_crop and processor.do_normalize and processor.do_resize
     assert np.allclose(processor.image_mean, MEAN) and np.allclose(processor.image_std, STD)
 
 
-def test_eval_image_processor_32_short_side_36():
-    processor = eval_image_processor(32)
-    assert processor.size == {"shortest_edge": 36}
-    assert processor.crop_size == {"height": 32, "width": 32}
+@pytest.mark.parametrize("image_size, short_side", [(224, 256), (32, 36), (384, 438), (28, 32)])
+def test_eval_image_processor_resizes_to_the_official_short_side(image_size, short_side):
+    """The official `int(256 / 224 * input_size)` resize, then the `image_size` centre crop."""
+    processor = eval_image_processor(image_size)
+    image = Image.new("RGB", (3 * image_size, 2 * image_size), (10, 20, 30))
+    resized = processor(images=image, do_center_crop=False, return_tensors="pt")["pixel_values"]
+    assert tuple(resized.shape[-2:]) == (short_side, int(short_side * 1.5))
+    assert processor(images=image, return_tensors="pt")["pixel_values"].shape[-2:] == (image_size, image_size)
+
+
+def test_eval_image_processor_equals_a_clip_processor_resizing_to_the_short_side():
+    from transformers import CLIPImageProcessor
+
+    rng = np.random.default_rng(0)
+    for image_size, short_side in ((224, 256), (32, 36)):
+        clip = CLIPImageProcessor(
+            size={"shortest_edge": short_side},
+            resample=Image.Resampling.BICUBIC,
+            crop_size={"height": image_size, "width": image_size},
+            image_mean=MEAN,
+            image_std=STD,
+        )
+        for shape in ((300, 400, 3), (image_size + 7, image_size + 90, 3)):
+            image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+            torch.testing.assert_close(
+                ProcessorTransform(eval_image_processor(image_size))(image), ProcessorTransform(clip)(image)
+            )
 
 
 def test_eval_image_processor_output_resize_crop_and_normalisation():

@@ -221,13 +221,15 @@ def test_uploaded_checkpoint_loads_with_remote_code_only(pushed, tmp_path):
                 pass
         folder = {str(folder)!r}
         pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        for auto in (AutoModel, AutoModelForImageClassification):
-            model = auto.from_pretrained(folder, trust_remote_code=True).eval()
-            assert "transformers_modules" in type(model).__module__, type(model).__module__
-            with torch.no_grad():
-                logits = model(pixels).logits
-            assert tuple(logits.shape) == (1, {NUM_CLASSES}), (auto.__name__, tuple(logits.shape))
-            assert torch.isfinite(logits).all(), logits
+        base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()  # the base model: its CLIP
+        assert type(base).__name__ == "VLLTRModel" and "transformers_modules" in type(base).__module__, type(base)
+        model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+        assert "transformers_modules" in type(model).__module__, type(model).__module__
+        with torch.no_grad():
+            logits = model(pixels).logits
+            torch.testing.assert_close(base(pixel_values=pixels).image_embeds, model(pixels).image_embeds / model(pixels).image_embeds.norm(dim=-1, keepdim=True))
+        assert tuple(logits.shape) == (1, {NUM_CLASSES}), tuple(logits.shape)
+        assert torch.isfinite(logits).all(), logits
         AutoImageProcessor.from_pretrained(folder)
         assert AutoTokenizer.from_pretrained(folder)("a red square")["input_ids"]
         print("REMOTE-OK", type(model).__name__)

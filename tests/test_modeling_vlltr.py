@@ -335,15 +335,21 @@ def test_round_trip_keeps_predictions_and_stores_anchors(tiny_classifier, tmp_pa
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_vlltr.VLLTRConfig",
-        "AutoModel": "modeling_vlltr.VLLTRForImageClassification",
+        "AutoModel": "modeling_vlltr.VLLTRModel",
+        "AutoModelForZeroShotImageClassification": "modeling_vlltr.VLLTRModel",
         "AutoModelForImageClassification": "modeling_vlltr.VLLTRForImageClassification",
     }
     assert {"modeling_vlltr.py", "configuration_vlltr.py"} <= set(os.listdir(tmp_path))
     x = random_pixels()
-    for loader in (VLLTRForImageClassification, AutoModelForImageClassification, AutoModel):
+    for loader in (VLLTRForImageClassification, AutoModelForImageClassification):
         loaded = loader.from_pretrained(tmp_path).eval()
         assert type(loaded) is VLLTRForImageClassification
         assert torch.equal(loaded(x).logits, model(x).logits)
+    # AutoModel is the base model, as in transformers (a ViT classifier checkpoint gives ViTModel): its CLIP
+    base = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(base) is VLLTRModel
+    for name, tensor in model.clip.state_dict().items():
+        torch.testing.assert_close(base.clip.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
 
 
 def test_plain_clip_checkpoint_loads_into_vlltr_model(tiny_clip_dir):
@@ -435,6 +441,27 @@ def test_image_feature_extraction_pipeline_on_stage1_checkpoint(tiny_clip_dir, t
         model(input_ids=torch.zeros(1, 4, dtype=torch.long))
 
 
+@pytest.mark.parametrize("head_type", ["lgr", "fc"])
+def test_image_feature_extraction_pipeline_on_stage2_checkpoint(head_type, tmp_path, capfd):
+    """AutoModel (what the pipeline loads) gives the base model for a classifier checkpoint too, so the stock
+    pipeline returns that checkpoint's E_I / ‖E_I‖, not class scores; the head's tensors are left out quietly."""
+    classifier = make_classifier(num_labels=4, head_type=head_type).eval()
+    classifier.save_pretrained(tmp_path)
+    processor = eval_image_processor(IMAGE_SIZE)
+    processor.save_pretrained(tmp_path)
+    extractor = pipeline("image-feature-extraction", model=str(tmp_path), device="cpu")
+    assert type(extractor.model) is VLLTRModel
+    features = torch.tensor(extractor(_photo(), return_tensors=False))
+    with torch.no_grad():
+        pixels = processor(images=_photo(), return_tensors="pt")["pixel_values"]
+        expected = F.normalize(classifier.get_image_features(pixels).pooler_output, dim=-1)
+    assert features.shape == (1, PROJECTION_DIM)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+    capfd.readouterr()
+    VLLTRModel.from_pretrained(tmp_path)
+    assert "UNEXPECTED" not in "".join(capfd.readouterr())  # transformers' load report lists no head tensor
+
+
 def test_remote_code_in_a_fresh_process_without_the_package(tiny_classifier, tmp_path):
     """The checkpoint loads with trust_remote_code=True in a process where `modeling_vlltr` cannot be imported."""
     ckpt = tmp_path / "ckpt"
@@ -467,7 +494,10 @@ def test_remote_code_in_a_fresh_process_without_the_package(tiny_classifier, tmp
             pass
         saved = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
         ckpt = {str(ckpt)!r}
-        for auto in (AutoModelForImageClassification, AutoModel):
+        base = AutoModel.from_pretrained(ckpt, trust_remote_code=True)
+        assert type(base).__name__ == "VLLTRModel", type(base)
+        assert "transformers_modules" in type(base).__module__, type(base).__module__
+        for auto in (AutoModelForImageClassification,):
             model = auto.from_pretrained(ckpt, trust_remote_code=True).eval()
             assert type(model).__name__ == "VLLTRForImageClassification", type(model)
             assert "transformers_modules" in type(model).__module__, type(model).__module__

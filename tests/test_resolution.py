@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -69,7 +70,9 @@ def test_a_48px_run_goes_through_all_four_scripts(tiny_clip_dir, lt_dataset, tmp
         config = json.loads((out / stage / "config.json").read_text())
         assert config["clip_config"]["vision_config"]["image_size"] == 48, stage
         processor = AutoImageProcessor.from_pretrained(out / stage)
-        assert processor.crop_size == {"height": 48, "width": 48} and processor.size == {"shortest_edge": 54}, stage
+        assert processor.crop_size == {"height": 48, "width": 48} and processor.size == {"shortest_edge": 48}, stage
+        resized = processor(images=Image.new("RGB", (96, 64)), do_center_crop=False, return_tensors="pt")
+        assert resized["pixel_values"].shape[-2:] == (54, 81), stage  # short side int(256 / 224 · 48), then crop 48
     # the final checkpoint is a plain 48 px model: loaded and run at 48 px without run-time interpolation
     model = AutoModelForImageClassification.from_pretrained(out / "stage2", trust_remote_code=True).eval()
     with torch.no_grad():

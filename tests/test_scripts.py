@@ -165,7 +165,9 @@ def test_every_checkpoint_has_code_processor_and_card(pipeline_run):
         assert {"config.json", "model.safetensors", "modeling_vlltr.py", "configuration_vlltr.py",
                 "preprocessor_config.json", "README.md", "training_history.json"} <= files, stage  # fmt: skip
     processor = json.loads((out / "stage2" / "preprocessor_config.json").read_text())
-    assert processor["size"] == {"shortest_edge": 36} and processor["crop_size"] == {"height": 32, "width": 32}
+    # the official eval transform (short side int(256 / 224 · 32) = 36, crop 32) as LevitImageProcessor states it
+    assert processor["image_processor_type"].startswith("LevitImageProcessor")
+    assert processor["size"] == {"shortest_edge": 32} and processor["crop_size"] == {"height": 32, "width": 32}
 
 
 def test_a_used_output_folder_is_refused(pipeline_run, lt_dataset, tiny_clip_dir, capsys):

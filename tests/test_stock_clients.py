@@ -49,12 +49,9 @@ def imagefolder(tmp_path_factory):
 def stage2_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("stage2")
     make_classifier(num_labels=NUM_LABELS, num_anchors=3).save_pretrained(path)
-    # The stock example resizes to the processor's `size`, not `crop_size`: give it a processor whose two agree (as
-    # openai/clip-vit-base-patch16's do). With the project's evaluation processor (resize 1/0.875, then crop) it
-    # feeds 256 px images to a 224 px model, which refuses them naming interpolate_pos_encoding.
-    processor = eval_image_processor(IMAGE_SIZE)
-    processor.size = {"shortest_edge": IMAGE_SIZE}
-    processor.save_pretrained(path)
+    # The processor every script of this package saves. The stock example resizes to its `size` (ignoring
+    # `crop_size`), which is the model's input size, as in CLIP's own processor.
+    eval_image_processor(IMAGE_SIZE).save_pretrained(path)
     return str(path)
 
 

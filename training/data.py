@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
-from transformers import CLIPImageProcessor
+from transformers import LevitImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from .arguments import AugmentationArguments
@@ -78,16 +78,22 @@ class LongTailSampler(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def eval_image_processor(image_size: int, crop_pct: float = 0.875) -> CLIPImageProcessor:
-    """The reference evaluation transform as a `CLIPImageProcessor`: resize the short side to
-    `floor(image_size / crop_pct)` (256 for 224), bicubic, centre-crop `image_size`, CLIP mean/std. Saved with every
-    checkpoint, so the pipeline and `run_eval` preprocess exactly as the paper evaluates."""
-    return CLIPImageProcessor(
+def eval_image_processor(image_size: int) -> LevitImageProcessor:
+    """The reference evaluation transform: resize the short side to `int(256 / 224 · image_size)` (256 for 224),
+    bicubic, centre-crop `image_size`, CLIP mean/std (official `datasets/__init__.py` `build_transform`). Saved with
+    every checkpoint, so the pipeline and `run_eval` preprocess exactly as the paper evaluates.
+
+    It is transformers' `LevitImageProcessor`, whose resize is that same formula: its `size["shortest_edge"]` is the
+    model's input size, as for CLIP's own processor, so clients that read `size` as the input size (the stock
+    `run_image_classification.py` example) feed `image_size` pixels. Its output equals a `CLIPImageProcessor` resizing
+    to 256 and cropping 224, bit for bit (`tests/test_data.py`)."""
+    return LevitImageProcessor(
         do_resize=True,
-        size={"shortest_edge": int(math.floor(image_size / crop_pct))},
+        size={"shortest_edge": image_size},
         resample=PILImageResampling.BICUBIC,
         do_center_crop=True,
         crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
         do_normalize=True,
         image_mean=list(CLIP_MEAN),
         image_std=list(CLIP_STD),

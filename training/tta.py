@@ -1,7 +1,7 @@
 """Test-time augmentation for `run_eval`: several views of each test image, their probabilities averaged.
 
 The evaluation transform (`eval_image_processor`, saved with every checkpoint) resizes the short side to
-`floor(image_size / 0.875)` (256 for 224) and centre-crops `image_size`. The views:
+`int(256 / 224 · image_size)` (256 for 224) and centre-crops `image_size`. The views:
 
 - `none`: that single view (today's evaluation, the same code path);
 - `flip`: that view and its horizontal mirror (2 views);
