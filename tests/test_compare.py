@@ -71,33 +71,35 @@ def test_table_prints_the_paper_and_the_verdicts(comparison):
     assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1]
 
 
+def test_peers_run_and_report(tiny_clip_dir, lt_dataset, tmp_path):
+    """The LIFT-style peer, VL-LTR with LoRA and the logit-adjusted probe are real runs of their scripts: each leaves
+    its checkpoint's own evaluation, whose numbers recompute from the saved predictions."""
+    d = lt_dataset
+    argv = ["--clip", tiny_clip_dir, "--train_file", d["train"], "--test_file", d["test"], "--selection_file",
+            d["val"], "--image_root", d["root"], "--class_names", d["classes"], "--text_corpus", d["corpus"],
+            "--methods", "lift,vlltr_lora,linear_la", "--seeds", "1", "--linear_epochs", "1",
+            "--output_dir", str(tmp_path), *TINY]  # fmt: skip
+    results = compare.main(argv)
+    runs = {r["method"]: r for r in results["runs"]}
+    assert set(runs) == {"lift", "vlltr_lora", "linear_la"}
+    for method, run in runs.items():
+        saved = np.load(Path(run["folder"]) / "predictions.npz")
+        assert run["overall"] == pytest.approx(np.mean(saved["logits"].argmax(1) == saved["labels"]))
+        assert results["methods"][method]["seconds_mean"] > 0
+    lift = json.loads((tmp_path / "seed_0" / "lift" / "config.json").read_text())
+    assert lift["head_type"] == "cosine"
+    assert json.loads((tmp_path / "seed_0" / "lift_eval" / "metrics.json").read_text())["head"]
+    history = json.loads((tmp_path / "seed_0" / "vlltr_lora_stage2" / "training_history.json").read_text())
+    assert {e["script"]: e["settings"].get("peft") for e in history if "run_" in e["script"]} == {
+        "run_cvlp": "lora",
+        "run_select_anchors": None,
+        "run_lgr": "lora",
+    }
+
+
 def test_unknown_method_is_one_clear_error(tmp_path):
-    with pytest.raises(UsageError, match="unknown method.*lift"):
-        compare.main(["--methods", "vlltr,lift", "--output_dir", str(tmp_path)])
-
-
-def test_post_hoc_logit_adjustment_like_a_naive_loop(tmp_path):
-    from types import SimpleNamespace
-
-    from training.metrics import ShotThresholds
-
-    rng = np.random.default_rng(0)
-    counts = [30, 10, 3, 1]
-    logits, labels = rng.normal(size=(20, 4)), rng.integers(0, 4, size=20)
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    np.savez(probe / "predictions.npz", labels=labels, logits=logits, predictions=logits.argmax(1))
-    (probe / "metrics.json").write_text(json.dumps({"per_class": {"train_count": counts}}))
-    ctx = SimpleNamespace(args=SimpleNamespace(logit_adjustment_tau=0.7), thresholds=ShotThresholds(many=20, few=5))
-    compare.post_hoc_logit_adjustment(probe, tmp_path / "la", ctx)
-    expected = []
-    for row in logits:
-        adjusted = [row[c] - 0.7 * np.log(counts[c] / sum(counts)) for c in range(4)]
-        expected.append(max(range(4), key=lambda c: adjusted[c]))
-    saved = np.load(tmp_path / "la" / "predictions.npz")
-    np.testing.assert_array_equal(saved["predictions"], expected)
-    metrics = json.loads((tmp_path / "la" / "metrics.json").read_text())
-    assert metrics["top1"] == pytest.approx(np.mean(np.array(expected) == labels))
+    with pytest.raises(UsageError, match="unknown method.*nope"):
+        compare.main(["--methods", "vlltr,nope", "--output_dir", str(tmp_path)])
 
 
 def test_random_init_keeps_the_architecture_and_differs_by_seed(tiny_clip_dir, tmp_path):

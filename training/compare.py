@@ -38,14 +38,13 @@ from transformers.utils.logging import tqdm
 
 from modeling_vlltr import VLLTRModel
 
-from . import run_cvlp, run_eval, run_lgr, run_select_anchors
+from . import run_cvlp, run_eval, run_lgr, run_lift, run_select_anchors
 from .arguments import CorpusArguments, DataArguments
 from .cli import UsageError, load_checked, parse_args, run_main
 from .corpus import load_corpus
 from .data import ProcessorTransform, eval_image_processor
 from .embedding import embed_images, embed_texts
 from .io_utils import atomic_write, atomic_write_npz, atomic_write_text
-from .lgr_config import LGRConfig
 from .metrics import ShotThresholds, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
 from .splits import load_labelled_split
 
@@ -104,6 +103,12 @@ class CompareArguments:
     stage1_epochs: float = field(default=30, metadata={"help": "Stage-1 epochs (the demo's 30; reference 50)."})
     stage2_epochs: float = field(default=50, metadata={"help": "Stage-2 (LGR / FC head) epochs (the demo's 50)."})
     linear_epochs: float = field(default=50, metadata={"help": "Linear-probe epochs."})
+    lift_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "LIFT-style peer epochs; default 10% of stage-1 + stage-2 epochs (LIFT's cost), at least 1."
+        },
+    )
     batch_size: int = field(default=64, metadata={"help": "Per-device batch size of every training run."})
     stage1_learning_rate: float = field(default=5e-4, metadata={"help": "Stage-1 learning rate (the demo's)."})
     stage2_learning_rate: float = field(default=3e-3, metadata={"help": "Stage-2 learning rate (the demo's)."})
@@ -160,12 +165,12 @@ class Runner:
                 "--save_strategy", "no", "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "64",
                 *c.data_argv]  # fmt: skip
 
-    def stage1(self, start: str, beta: float, tag: str) -> tuple[Path, float]:
+    def stage1(self, start: str, beta: float, tag: str, extra: list[str] = ()) -> tuple[Path, float]:
         c = self.ctx
         return self.step(tag, lambda out: run_cvlp.main(
             ["--model_name_or_path", start, "--output_dir", str(out), "--num_train_epochs", str(c.args.stage1_epochs),
              "--per_device_train_batch_size", str(c.args.batch_size), "--learning_rate",
-             str(c.args.stage1_learning_rate), "--distillation_beta", str(beta), *c.corpus_argv, *c.augment,
+             str(c.args.stage1_learning_rate), "--distillation_beta", str(beta), *c.corpus_argv, *c.augment, *extra,
              *self.common()]
         ))  # fmt: skip
 
@@ -209,9 +214,12 @@ class Runner:
         """FC head on the starting CLIP, frozen tower, instance-balanced sampling, plain cross-entropy."""
         a = self.ctx.args
         init = self.select(self.ctx.clip, "linear_init", ["--head_type", "fc"])
-        plain = ["--sampling", "instance", "--mixup_alpha", "0", "--cutmix_alpha", "0", "--label_smoothing", "0"]
-        probe = self.stage2(init[0], "linear_ce", a.linear_epochs, a.linear_learning_rate, plain)
+        probe = self.stage2(init[0], "linear_ce", a.linear_epochs, a.linear_learning_rate, PLAIN_PROBE)
         return [init, probe, self.evaluate(probe[0], "linear_ce_eval")]
+
+
+# The linear probes' training: instance-balanced sampling, no mixing, no label smoothing.
+PLAIN_PROBE = ["--sampling", "instance", "--mixup_alpha", "0", "--cutmix_alpha", "0", "--label_smoothing", "0"]
 
 
 @dataclass
@@ -256,18 +264,35 @@ def _knn(r: Runner) -> list[tuple[Path, float]]:
 
 
 def _linear_la(r: Runner) -> list[tuple[Path, float]]:
-    """Linear probe with logit adjustment (Menon et al., ICLR 2021). When run_lgr has a `--logit_adjustment TAU`
-    flag, the logit-adjusted loss is trained by it; until then the post-hoc form of the same paper (their eq. 9,
-    f_y(x) − τ·log π_y on the cross-entropy probe's logits) is applied to the saved predictions of the CE probe."""
+    """The linear probe trained with the logit-adjusted loss CE(z + τ·log π, y) (Menon et al., ICLR 2021):
+    `run_lgr --logit_adjustment τ` on the FC head; its predictions are the plain logits z."""
     a = r.ctx.args
-    if "logit_adjustment" in {f.name for f in fields(LGRConfig)}:
-        init = r.select(r.ctx.clip, "linear_init", ["--head_type", "fc"])
-        plain = ["--sampling", "instance", "--mixup_alpha", "0", "--cutmix_alpha", "0", "--label_smoothing", "0"]
-        la = ["--logit_adjustment", str(a.logit_adjustment_tau)]
-        probe = r.stage2(init[0], "linear_la", a.linear_epochs, a.linear_learning_rate, plain + la)
-        return [init, probe, r.evaluate(probe[0], "linear_la_eval")]
-    steps = r.linear_probe()
-    return [*steps, r.step("linear_la_eval", lambda out: post_hoc_logit_adjustment(steps[-1][0], out, r.ctx))]
+    init = r.select(r.ctx.clip, "linear_init", ["--head_type", "fc"])
+    la = ["--logit_adjustment", str(a.logit_adjustment_tau)]
+    probe = r.stage2(init[0], "linear_la", a.linear_epochs, a.linear_learning_rate, [*PLAIN_PROBE, *la])
+    return [init, probe, r.evaluate(probe[0], "linear_la_eval")]
+
+
+def _lift(r: Runner) -> list[tuple[Path, float]]:
+    """`run_lift` from the starting CLIP: LoRA in the image tower, a cosine head from the class-name prompts,
+    logit-adjusted CE, `--lift_epochs` (10% of VL-LTR's stage-1 + stage-2 epochs by default), then `run_eval`."""
+    c = r.ctx
+    lift = r.step("lift", lambda out: run_lift.main(
+        ["--model_name_or_path", c.clip, "--output_dir", str(out), "--num_train_epochs", str(c.lift_epochs),
+         "--per_device_train_batch_size", str(c.args.batch_size), *c.augment, *r.common()]
+    ))  # fmt: skip
+    return [lift, r.evaluate(lift[0], "lift_eval")]
+
+
+def _vlltr_lora(r: Runner) -> list[tuple[Path, float]]:
+    """VL-LTR with LoRA adapters in both stages (`--peft lora`): stage 1 adapts both towers, stage 2 the image tower
+    (its adapters merged into the saved checkpoints), the same schedules and anchors as `vlltr`."""
+    c = r.ctx
+    stage1 = r.stage1(c.clip, 0.5, "stage1_lora", ["--peft", "lora"])
+    anchors = r.select(stage1[0], "vlltr_lora_anchors", ["--anchor_selection", "anss"])
+    lgr = r.stage2(anchors[0], "vlltr_lora_stage2", c.args.stage2_epochs, c.args.stage2_learning_rate,
+                   ["--peft", "lora"])  # fmt: skip
+    return [stage1, anchors, lgr, r.evaluate(lgr[0], "vlltr_lora_eval")]
 
 
 for _method in (
@@ -275,7 +300,10 @@ for _method in (
     Method("linear_ce", "Linear probe, CE", lambda r: r.linear_probe(),
            "frozen starting CLIP + linear layer, cross-entropy, instance-balanced sampling"),
     Method("linear_la", "Linear probe, logit adjustment", _linear_la,
-           "the linear probe with logit adjustment (post-hoc until run_lgr has --logit_adjustment)"),
+           "the linear probe trained with the logit-adjusted loss (run_lgr --logit_adjustment τ)"),
+    Method("lift", "LIFT-style peer", _lift,
+           "run_lift: LoRA image tower, cosine head from prompts, logit-adjusted CE, 10% of VL-LTR's epochs"),
+    Method("vlltr_lora", "VL-LTR with LoRA adapters", _vlltr_lora, "run_cvlp and run_lgr with --peft lora"),
     Method("vlltr", "VL-LTR", lambda r: r.vlltr_from(r.full_stage1(), "vlltr"), "stage 1 (β = 0.5), AnSS, LGR"),
     Method("no_pretrain", "  w/o CVLP pre-training", lambda r: r.vlltr_from((r.ctx.clip, 0.0), "no_pretrain"),
            "anchors and stage 2 from the starting CLIP"),
@@ -334,15 +362,6 @@ def zero_shot_eval(ctx: "Context", out: Path) -> None:
     _write_eval(out, logits, np.asarray(ctx.test.labels), ctx.train.class_counts, ctx, "zero-shot")
 
 
-def post_hoc_logit_adjustment(probe_eval: Path, out: Path, ctx: "Context") -> None:
-    """Post-hoc logit adjustment of a trained probe's saved test logits: f_y(x) − τ·log π_y, π the training prior."""
-    saved = np.load(probe_eval / "predictions.npz")
-    counts = np.asarray(json.loads((probe_eval / "metrics.json").read_text())["per_class"]["train_count"], float)
-    prior = np.maximum(counts, 1.0) / counts.sum()  # (C,); a class with no image gets a count of one
-    logits = saved["logits"] - ctx.args.logit_adjustment_tau * np.log(prior)[None, :]  # (N, C)
-    _write_eval(out, logits, saved["labels"], counts.astype(int), ctx, "linear + post-hoc LA")
-
-
 def save_random_init(clip: str, out: Path, seed: int) -> None:
     """The starting CLIP's architecture with random weights (seeded), saved with its tokenizer and image processor:
     the 'no CLIP weights' ablation starts the whole pipeline from it."""
@@ -376,6 +395,11 @@ class Context:
     train: object
     test: object
     note: str
+
+    @property
+    def lift_epochs(self) -> float:
+        a = self.args
+        return a.lift_epochs if a.lift_epochs is not None else max(1, round(0.1 * (a.stage1_epochs + a.stage2_epochs)))
 
 
 def _summary(values: list[float]) -> tuple[float, float]:
@@ -568,6 +592,7 @@ def main(argv: list[str] | None = None) -> dict:
                 runs.append({
                     "method": name, "seed": seed, "seconds": round(took, 1), "folder": str(evaluated),
                     "steps": [str(p) for p, _ in steps],
+                    "step_seconds": [round(t, 1) for _, t in steps],
                     **{g: metrics["top1"] if g == "overall" else metrics[f"{g}_top1"] for g in GROUPS},
                     "per_class_top1": metrics["per_class"]["top1"],
                 })  # fmt: skip

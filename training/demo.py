@@ -12,10 +12,12 @@ practitioner would otherwise use.
    image-caption pairs from the pool and saved as a normal CLIP folder. `--clip NAME` uses that CLIP instead; every
    later step is the same code.
 3. Stage 1, anchor selection, stage 2 and evaluation through the entry points of the CLI scripts.
-4. Baselines on the same splits: zero-shot CLIP with the 80 class prompts, and CLIP fine-tuned with a plain linear
-   classifier and cross-entropy.
-5. One table (overall / many / medium / few top-1), `results.json`, `per_class_accuracy.png`, the anchor report and
-   the final checkpoint with its model card; then the stock `pipeline("image-classification")` on a few test images.
+4. Baselines and peers on the same splits: zero-shot CLIP with the 80 class prompts, CLIP fine-tuned with a plain
+   linear classifier and cross-entropy, the LIFT-style peer (`run_lift`: LoRA image tower, cosine head, logit-adjusted
+   loss, 10% of VL-LTR's epochs), and VL-LTR with LoRA adapters in both stages (`--peft lora`).
+5. One table (overall / many / medium / few top-1 and the seconds each method took), `results.json`,
+   `per_class_accuracy.png`, the anchor report and the final checkpoint with its model card; then the stock
+   `pipeline("image-classification")` on a few test images.
 """
 
 import argparse
@@ -24,6 +26,7 @@ import math
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,7 @@ from transformers.utils.logging import tqdm
 
 from modeling_vlltr import VLLTRConfig, VLLTRForImageClassification, VLLTRModel
 
-from . import run_cvlp, run_eval, run_lgr, run_select_anchors
+from . import run_cvlp, run_eval, run_lgr, run_lift, run_select_anchors
 from .arguments import CorpusArguments, DataArguments
 from .cli import UsageError, load_new_head, run_main
 from .corpus import load_corpus
@@ -221,20 +224,27 @@ def _check_output_dir(out: Path, manifest: dict, overwrite: bool) -> None:
         shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
-def _row(metrics: dict) -> dict:
-    return {
-        k: metrics[f"{k}_top1"] if k != "overall" else metrics["top1"] for k in ("overall", "many", "medium", "few")
-    }
+def _row(metrics: dict, seconds: float) -> dict:
+    groups = ("overall", "many", "medium", "few")
+    return {**{k: metrics[f"{k}_top1"] if k != "overall" else metrics["top1"] for k in groups}, "seconds": seconds}
 
 
 def _table(rows: dict[str, dict]) -> str:
     def pct(v):
         return "n/a" if v is None or math.isnan(v) else f"{100 * v:.1f}"
 
-    lines = ["| method | overall | many | medium | few |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | " + " | ".join(pct(r[k]) for k in ("overall", "many", "medium", "few")) + " |"
-              for name, r in rows.items()]  # fmt: skip
+    lines = ["| method | overall | many | medium | few | seconds |", "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | " + " | ".join(pct(r[k]) for k in ("overall", "many", "medium", "few"))
+              + f" | {r['seconds']:.0f} |" for name, r in rows.items()]  # fmt: skip
     return "\n".join(lines)
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], name: str):
+    """Adds the wall time of the block to `seconds[name]` (a method's runs may be split over several blocks)."""
+    start = time.time()
+    yield
+    seconds[name] = seconds.get(name, 0.0) + time.time() - start
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -282,64 +292,97 @@ def main(argv: list[str] | None = None) -> dict:
     common = ["--image_root", data["root"], "--class_names", data["classes"], *fast]
 
     _banner("3/6", "VL-LTR stage 1, anchor selection, stage 2 (the run_* entry points)")
-    run_cvlp.main(
-        ["--model_name_or_path", clip, "--train_file", data["train"], "--text_corpus", data["corpus"],
-         "--output_dir", str(out / "stage1"), "--num_train_epochs", "30", "--per_device_train_batch_size", "64",
-         "--learning_rate", "5e-4", *augment, *common]
-    )  # fmt: skip
-    run_select_anchors.main(
-        ["--model_name_or_path", str(out / "stage1"), "--selection_file", data["val"], "--text_corpus",
-         data["corpus"], "--num_anchor_sentences", "16", "--output_dir", str(out / "anchors"), *common]
-    )  # fmt: skip
+    seconds: dict[str, float] = {}  # per method, its own runs
+
+    def vlltr_stages(tag: str, final: Path, peft: list[str]) -> None:
+        """Stage 1, AnSS, stage 2: the demo's VL-LTR (`peft` empty) or VL-LTR with LoRA in both stages."""
+        run_cvlp.main(
+            ["--model_name_or_path", clip, "--train_file", data["train"], "--text_corpus", data["corpus"],
+             "--output_dir", str(out / f"{tag}stage1"), "--num_train_epochs", "30", "--per_device_train_batch_size",
+             "64", "--learning_rate", "5e-4", *peft, *augment, *common]
+        )  # fmt: skip
+        run_select_anchors.main(
+            ["--model_name_or_path", str(out / f"{tag}stage1"), "--selection_file", data["val"], "--text_corpus",
+             data["corpus"], "--num_anchor_sentences", "16", "--output_dir", str(out / f"{tag}anchors"), *common]
+        )  # fmt: skip
+        run_lgr.main(
+            ["--model_name_or_path", str(out / f"{tag}anchors"), "--train_file", data["train"], "--output_dir",
+             str(final), "--num_train_epochs", "50", "--per_device_train_batch_size", "64", "--learning_rate", "3e-3",
+             *peft, *augment, *common]
+        )  # fmt: skip
+
     final = out / "vlltr-digits-lt"
-    run_lgr.main(
-        ["--model_name_or_path", str(out / "anchors"), "--train_file", data["train"], "--output_dir", str(final),
-         "--num_train_epochs", "50", "--per_device_train_batch_size", "64", "--learning_rate", "3e-3", *augment,
-         *common]
-    )  # fmt: skip
+    with _timed(seconds, "vlltr"):
+        vlltr_stages("", final, [])
     timings["vlltr"] = time.time() - start - sum(timings.values())
 
     _banner("4/6", "Evaluation and baselines on the same splits")
     thresholds = ["--many_shot_threshold", str(THRESHOLDS.many), "--few_shot_threshold", str(THRESHOLDS.few)]
     evaluate = ["--test_file", data["test"], "--train_file", data["train"], *thresholds, *common]
     hub = ["--push_to_hub", "--hub_model_id", args.hub_model_id] if args.push_to_hub else []
-    vlltr = run_eval.main(
-        ["--model_name_or_path", str(final), "--output_dir", str(out / "eval"), "--dataset_tag", "digits-lt",
-         "--explain", "8", *evaluate, *hub]
-    )  # fmt: skip
+    with _timed(seconds, "vlltr"):
+        vlltr = run_eval.main(
+            ["--model_name_or_path", str(final), "--output_dir", str(out / "eval"), "--dataset_tag", "digits-lt",
+             "--explain", "8", *evaluate, *hub]
+        )  # fmt: skip
 
     # CLIP fine-tuned with a plain linear classifier and cross-entropy: vision tower + linear head, no mixing, no
     # smoothing, instance-balanced sampling, trained with the same stage-2 trainer (FC head).
-    linear_start = out / "baseline_linear_init"
-    config = VLLTRConfig.from_pretrained(clip, id2label=dict(enumerate(CLASS_NAMES)), head_type="fc")
-    load_new_head(VLLTRForImageClassification.from_pretrained, clip, config=config).save_pretrained(linear_start)
-    run_lgr.main(
-        ["--model_name_or_path", str(linear_start), "--train_file", data["train"], "--output_dir",
-         str(out / "baseline_linear"), "--num_train_epochs", "30", "--per_device_train_batch_size", "64",
-         "--learning_rate", "5e-4", "--train_vision_tower", "True", "--sampling", "instance", "--mixup_alpha", "0",
-         "--cutmix_alpha", "0", "--label_smoothing", "0", *augment, *common]
-    )  # fmt: skip
-    linear = run_eval.main(
-        ["--model_name_or_path", str(out / "baseline_linear"), "--output_dir", str(out / "eval_linear"), *evaluate]
-    )
-    zs_logits, zs_labels = zero_shot_logits(clip, data)
-    zero_shot = long_tail_metrics(zs_logits, zs_labels, counts, THRESHOLDS)
-    timings["evaluation"] = time.time() - start - sum(timings.values())
+    with _timed(seconds, "linear"):
+        linear_start = out / "baseline_linear_init"
+        config = VLLTRConfig.from_pretrained(clip, id2label=dict(enumerate(CLASS_NAMES)), head_type="fc")
+        load_new_head(VLLTRForImageClassification.from_pretrained, clip, config=config).save_pretrained(linear_start)
+        run_lgr.main(
+            ["--model_name_or_path", str(linear_start), "--train_file", data["train"], "--output_dir",
+             str(out / "baseline_linear"), "--num_train_epochs", "30", "--per_device_train_batch_size", "64",
+             "--learning_rate", "5e-4", "--train_vision_tower", "True", "--sampling", "instance", "--mixup_alpha",
+             "0", "--cutmix_alpha", "0", "--label_smoothing", "0", *augment, *common]
+        )  # fmt: skip
+        linear = run_eval.main(
+            ["--model_name_or_path", str(out / "baseline_linear"), "--output_dir", str(out / "eval_linear"),
+             *evaluate]
+        )  # fmt: skip
+    with _timed(seconds, "zero_shot"):
+        zs_logits, zs_labels = zero_shot_logits(clip, data)
+        zero_shot = long_tail_metrics(zs_logits, zs_labels, counts, THRESHOLDS)
+    # The LIFT-style peer with its defaults (LoRA r 8 on q/v, cosine head from "a photo of a {}.", logit-adjusted
+    # CE τ 1, SGD 0.01): 8 epochs, 10% of the demo's VL-LTR epochs (30 + 50), as LIFT's 10 are of the paper's 100.
+    with _timed(seconds, "lift"):
+        run_lift.main(
+            ["--model_name_or_path", clip, "--train_file", data["train"], "--output_dir", str(out / "lift"),
+             "--num_train_epochs", "8", "--per_device_train_batch_size", "64", *augment, *common]
+        )  # fmt: skip
+        lift = run_eval.main(
+            ["--model_name_or_path", str(out / "lift"), "--output_dir", str(out / "eval_lift"), *evaluate]
+        )
+    # VL-LTR with LoRA adapters in both stages (the text and image towers in stage 1, the image tower in stage 2),
+    # the same schedules and anchors count as VL-LTR above.
+    with _timed(seconds, "vlltr_lora"):
+        vlltr_stages("lora_", out / "vlltr-lora", ["--peft", "lora"])
+        vlltr_lora = run_eval.main(
+            ["--model_name_or_path", str(out / "vlltr-lora"), "--output_dir", str(out / "eval_lora"), *evaluate]
+        )
+    timings["baselines_and_peers"] = time.time() - start - sum(timings.values())
 
     _banner("5/6", "Results")
     rows = {
-        "Zero-shot CLIP (80 prompts)": _row(zero_shot),
-        "CLIP + linear classifier, CE": _row(linear),
-        "VL-LTR": _row(vlltr),
+        "Zero-shot CLIP (80 prompts)": _row(zero_shot, seconds["zero_shot"]),
+        "CLIP + linear classifier, CE": _row(linear, seconds["linear"]),
+        "LIFT-style peer (LoRA, cosine head, LA)": _row(lift, seconds["lift"]),
+        "VL-LTR": _row(vlltr, seconds["vlltr"]),
+        "VL-LTR with LoRA adapters": _row(vlltr_lora, seconds["vlltr_lora"]),
     }
     per_class = {
         "Zero-shot CLIP": np.asarray(zero_shot["per_class_top1"], dtype=float),
         "CLIP + linear, CE": np.asarray(linear["per_class"]["top1"], dtype=float),
+        "LIFT-style": np.asarray(lift["per_class"]["top1"], dtype=float),
         "VL-LTR": np.asarray(vlltr["per_class"]["top1"], dtype=float),
+        "VL-LTR + LoRA": np.asarray(vlltr_lora["per_class"]["top1"], dtype=float),
     }
     table = _table(rows)
     print(table)
-    print(f"(one run, seed {args.seed}; `make compare` gives the mean ± std over seeds, beside the paper's ablation)")
+    print(f"(one run, seed {args.seed}; seconds: each method's own runs, the stand-in CLIP excluded; `make compare` "
+          "gives the mean ± std over seeds, beside the paper's ablation)")  # fmt: skip
     print(f"VL-LTR branches alone, overall top-1: image {100 * vlltr['image_top1']:.1f}, "
           f"text {100 * vlltr['text_top1']:.1f}")  # fmt: skip
     plot_per_class_accuracy(per_class, counts, out / "per_class_accuracy.png", THRESHOLDS,
