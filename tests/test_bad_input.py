@@ -436,3 +436,14 @@ def test_pipeline_memory_stays_flat_over_2000_images(tiny_classifier, tmp_path):
     after_2000 = classify(2000)
     growth_mb = (after_2000 - after_warmup) / 2**20
     assert growth_mb < 20, f"RSS grew by {growth_mb:.1f} MB over 2,000 images after warm-up"
+
+
+@pytest.mark.parametrize("given", ["{tmp}/no_such_run/stage1", "./no_such_folder", "../elsewhere/stage1"])
+def test_a_missing_local_checkpoint_folder_is_named_as_such(given, data, tmp_path, capfd, monkeypatch):
+    """A path no Hub id can be is reported as a missing folder, not with the Hub's repo-id rules."""
+    monkeypatch.chdir(tmp_path)
+    path = given.format(tmp=tmp_path)
+    code, err = run("run_cvlp", stage1_args(data, tmp_path / "out", path), capfd)
+    line = error_line(err, "run_cvlp")
+    assert code != 0 and f"--model_name_or_path {path}: no such folder" in line, line
+    assert "Repo id" not in err and "Traceback" not in err

@@ -205,6 +205,18 @@ def safetensors_fault(path: str | os.PathLike) -> str | None:
     return None
 
 
+def _looks_local(path: str) -> bool:
+    """A path no Hub model id can be: absolute, relative to `.` / `..` / `~`, with a backslash, or with more than
+    one `/` (an id is `name` or `org/name`)."""
+    return (
+        os.path.isabs(path)
+        or path.startswith(("./", "../", "~", ".\\", "..\\"))
+        or path in (".", "..")
+        or "\\" in path
+        or path.count("/") > 1
+    )
+
+
 def check_checkpoint_folder(
     path: str | os.PathLike, what: str = "checkpoint", error: type[Exception] = ValueError, weights: bool = True
 ) -> None:
@@ -215,6 +227,8 @@ def check_checkpoint_folder(
     if folder.is_file():
         raise error(f"{what} {folder} is a file: pass the checkpoint folder (the one holding config.json).")
     if not folder.is_dir():
+        if _looks_local(str(path)):
+            raise error(f"{what} {path}: no such folder (and not a Hub model id of the form org/name).")
         return
     if not (folder / "config.json").is_file():
         raise error(
