@@ -3,6 +3,7 @@ the floor timed back to back, the order alternating), after a warm-up that lasts
 scripted step times and on two workloads of known relative cost timed beside a busy process; no benchmark is timed
 here."""
 
+import json
 import os
 import subprocess
 import sys
@@ -78,3 +79,30 @@ def test_paired_ratio_of_known_workloads_holds_beside_a_busy_process():
         torch.set_num_threads(threads)
     assert t.clock == "cpu"
     assert abs(t.ratio / 2 - 1) < 0.15, (t.ratio, t.paired_ratios)
+
+
+def _line(case: str, ratio: float, memory_ratio: float = 1.0) -> dict:
+    return {"case": case, "ours_s": ratio, "floor_s": 1.0, "ratio": ratio, "ratio_q1": ratio, "ratio_q3": ratio,
+            "bound": 1.1, "ok": ratio <= 1.1, "ours_peak_mb": 10.0 * memory_ratio, "floor_peak_mb": 10.0,
+            "memory_ratio": memory_ratio, "memory_bound": 1.1, "memory_ok": memory_ratio <= 1.1, "device": "cpu",
+            "torch": torch.__version__, "repeats": 5}  # fmt: skip
+
+
+def test_report_compares_two_runs_case_by_case(tmp_path, capsys):
+    from benchmarks import report
+
+    def write(name, lines):
+        path = tmp_path / name
+        path.write_text("[bench] a log line\n" + "".join(json.dumps(line) + "\n" for line in lines))
+        return str(path)
+
+    full = write("full.jsonl", [_line("a", 1.00), _line("b", 1.30, 1.04)])
+    quick = write("quick.jsonl", [_line("a", 1.04), _line("b", 1.26, 1.04)])  # +4.0%, -3.1%
+    assert report.main([quick, "--against", full, "--tolerance", "0.05"]) == 0
+    assert "| a | 1.040 | 1.000 | +4.0% |" in capsys.readouterr().out
+    assert report.main([quick, "--against", full, "--tolerance", "0.03"]) == 1  # a is 4% off
+    partial = write("partial.jsonl", [_line("a", 1.00)])
+    assert report.main([partial, "--against", full]) == 1  # b missing from one run
+    assert report.main([full]) == 0
+    table = capsys.readouterr().out
+    assert "| b | 1.300 | 1.000 | 1.300 [1.300-1.300] (≤ 1.1) MISSED |" in table
