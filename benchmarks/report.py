@@ -34,21 +34,22 @@ def read_lines(path: str) -> list[dict]:
 
 def table(lines: list[dict]) -> str:
     rows = [
-        "| case | ours (s) | floor (s) | time ratio [IQR] (bound) | peak MB ours / floor | memory ratio (bound) |",
-        "|---|---|---|---|---|---|",
+        "| case | ours (s) | floor (s) | time ratio [IQR] (bound) | peak MB ours / floor | memory ratio (bound) | rounds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in lines:
         time = f"{r['ratio']:.3f} [{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}] (≤ {r['bound']})"
-        memory = f"{r['memory_ratio']:.2f} (≤ {r['memory_bound']})"
+        memory = f"{r['memory_ratio']:.3f} (≤ {r['memory_bound']})"
         rows.append(
             f"| {r['case']} | {r['ours_s']:.3f} | {r['floor_s']:.3f} | {time}{'' if r['ok'] else ' MISSED'} | "
-            f"{r['ours_peak_mb']:.1f} / {r['floor_peak_mb']:.1f} | {memory}{'' if r['memory_ok'] else ' MISSED'} |"
+            f"{r['ours_peak_mb']:.1f} / {r['floor_peak_mb']:.1f} | {memory}{'' if r['memory_ok'] else ' MISSED'} | "
+            f"{r['repeats']} |"
         )
     first = lines[0]
     rows.append("")
     rows.append(
         f"{first['device']} ({first.get('cpu', '?')}), {first.get('threads', '?')} threads, torch {first['torch']}, "
-        f"{first['repeats']} timed rounds per case, clock: {first.get('clock', 'wall')}."
+        f"clock: {first.get('clock', 'wall')}; ours / floor (s) are the medians of the rounds' times."
     )
     return "\n".join(rows)
 
