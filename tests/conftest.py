@@ -4,7 +4,10 @@ Everything is offline. HF_HOME and the vlltr cache point at a scratch folder so 
 """
 
 import os
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 _SCRATCH = tempfile.mkdtemp(prefix="vlltr-tests-")
 os.environ.update(
@@ -28,6 +31,41 @@ torch.set_num_threads(1)
 
 IMAGE_SIZE = 32
 PROJECTION_DIM = 16
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Python run first in a fresh interpreter that must not see this package (a user who never installed it).
+_WITHOUT_THE_PACKAGE = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("modeling_vlltr", "training"):
+            raise ImportError("package not installed: " + name)
+sys.meta_path.insert(0, Block())
+sys.path = [p for p in sys.path if p not in ("", {REPO_ROOT!r})]
+for name in ("modeling_vlltr", "training"):
+    try:
+        __import__(name)
+        raise SystemExit(name + " is importable; the test would prove nothing")
+    except ImportError:
+        pass
+import torch
+torch.set_num_threads(1)
+"""
+
+
+def run_without_the_package(body: str, cwd, **env: str) -> subprocess.CompletedProcess:
+    """Runs `body` (Python source, dedented here) in a fresh interpreter where neither `modeling_vlltr` nor
+    `training` can be imported, with `env` added to the environment (PYTHONPATH removed)."""
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_THE_PACKAGE + textwrap.dedent(body)],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def tiny_clip_config():

@@ -4,23 +4,18 @@ alone, checked against the fusion rule written out, the closest-to-mean anchor r
 
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_classifier, random_pixels
+from conftest import make_classifier, random_pixels, run_without_the_package
 from transformers import AutoTokenizer, pipeline
 
 from modeling_vlltr import VLLTRConfig, VLLTRForImageClassification
 from modeling_vlltr.modeling_vlltr import anchors_closest_to_mean
 from training.data import eval_image_processor
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW_NAMES = ["purple star", "white cross"]
 NEW_SENTENCES = [
     ["a purple star.", "a star shape in purple.", "five purple points.", "a small purple star on black.", "purple."],
@@ -245,17 +240,8 @@ def test_grown_model_round_trips_pipeline_and_remote_code(tokenizer, tmp_path):
     assert abs(sum(r["score"] for r in results) - 1.0) < 1e-5
 
     torch.save({"pixels": pixels, "logits": expected}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    result = run_without_the_package(
         f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] in ("modeling_vlltr", "training"):
-                    raise ImportError("package not installed: " + name)
-        sys.meta_path.insert(0, Block())
-        sys.path = [p for p in sys.path if p not in ("", {REPO_ROOT!r})]
-        import torch
-        torch.set_num_threads(1)
         from transformers import AutoModelForImageClassification
         saved = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
         model = AutoModelForImageClassification.from_pretrained({str(ckpt)!r}, trust_remote_code=True).eval()
@@ -265,11 +251,8 @@ def test_grown_model_round_trips_pipeline_and_remote_code(tokenizer, tmp_path):
         explained = model.explain(saved["pixels"], class_ids=[5, 6, 0])
         assert explained[0]["class_name"] == "purple star" and explained[0]["anchors"][0]["sentence"], explained
         print("REMOTE-OK")
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        """,
+        cwd=tmp_path,
     )
     assert "REMOTE-OK" in result.stdout, result.stdout + result.stderr
 
