@@ -204,23 +204,26 @@ class Runner:
         ))  # fmt: skip
 
     # -- the pipelines the methods are made of
-    def vlltr_from(self, stage1: tuple[Path, float], tag: str, strategy: str = "anss") -> list[tuple[Path, float]]:
-        """Anchor selection on a stage-1 model, stage 2, evaluation."""
+    def vlltr_from(
+        self, stage1: tuple[Path, float], tag: str, strategy: str = "anss", stage2_extra: list[str] = ()
+    ) -> list[tuple[Path, float]]:
+        """Anchor selection on a stage-1 model, stage 2 (with `stage2_extra` flags), evaluation."""
         anchors = self.select(stage1[0], f"{tag}_anchors", ["--anchor_selection", strategy])
         lgr = self.stage2(
-            anchors[0], f"{tag}_stage2", self.ctx.args.stage2_epochs, self.ctx.args.stage2_learning_rate, []
+            anchors[0], f"{tag}_stage2", self.ctx.args.stage2_epochs, self.ctx.args.stage2_learning_rate, stage2_extra
         )
         return [stage1, anchors, lgr, self.evaluate(lgr[0], f"{tag}_eval")]
 
     def full_stage1(self) -> tuple[Path, float]:
         return self.stage1(self.ctx.clip, 0.5, "stage1")
 
-    def linear_probe(self) -> list[tuple[Path, float]]:
-        """FC head on the starting CLIP, frozen tower, instance-balanced sampling, plain cross-entropy."""
+    def linear_probe(self, tag: str = "linear_ce", extra: list[str] = ()) -> list[tuple[Path, float]]:
+        """FC head on the starting CLIP, frozen tower, instance-balanced sampling, cross-entropy (plain unless
+        `extra` says otherwise); the FC initialisation is shared by the probes of a seed."""
         a = self.ctx.args
         init = self.select(self.ctx.clip, "linear_init", ["--head_type", "fc"])
-        probe = self.stage2(init[0], "linear_ce", a.linear_epochs, a.linear_learning_rate, PLAIN_PROBE)
-        return [init, probe, self.evaluate(probe[0], "linear_ce_eval")]
+        probe = self.stage2(init[0], tag, a.linear_epochs, a.linear_learning_rate, [*PLAIN_PROBE, *extra])
+        return [init, probe, self.evaluate(probe[0], f"{tag}_eval")]
 
 
 # The linear probes' training: instance-balanced sampling, no mixing, no label smoothing.
@@ -271,11 +274,7 @@ def _knn(r: Runner) -> list[tuple[Path, float]]:
 def _linear_la(r: Runner) -> list[tuple[Path, float]]:
     """The linear probe trained with the logit-adjusted loss CE(z + τ·log π, y) (Menon et al., ICLR 2021):
     `run_lgr --logit_adjustment τ` on the FC head; its predictions are the plain logits z."""
-    a = r.ctx.args
-    init = r.select(r.ctx.clip, "linear_init", ["--head_type", "fc"])
-    la = ["--logit_adjustment", str(a.logit_adjustment_tau)]
-    probe = r.stage2(init[0], "linear_la", a.linear_epochs, a.linear_learning_rate, [*PLAIN_PROBE, *la])
-    return [init, probe, r.evaluate(probe[0], "linear_la_eval")]
+    return r.linear_probe("linear_la", ["--logit_adjustment", str(r.ctx.args.logit_adjustment_tau)])
 
 
 def _lift(r: Runner) -> list[tuple[Path, float]]:
@@ -292,12 +291,8 @@ def _lift(r: Runner) -> list[tuple[Path, float]]:
 def _vlltr_lora(r: Runner) -> list[tuple[Path, float]]:
     """VL-LTR with LoRA adapters in both stages (`--peft lora`): stage 1 adapts both towers, stage 2 the image tower
     (its adapters merged into the saved checkpoints), the same schedules and anchors as `vlltr`."""
-    c = r.ctx
-    stage1 = r.stage1(c.clip, 0.5, "stage1_lora", ["--peft", "lora"])
-    anchors = r.select(stage1[0], "vlltr_lora_anchors", ["--anchor_selection", "anss"])
-    lgr = r.stage2(anchors[0], "vlltr_lora_stage2", c.args.stage2_epochs, c.args.stage2_learning_rate,
-                   ["--peft", "lora"])  # fmt: skip
-    return [stage1, anchors, lgr, r.evaluate(lgr[0], "vlltr_lora_eval")]
+    lora = ["--peft", "lora"]
+    return r.vlltr_from(r.stage1(r.ctx.clip, 0.5, "stage1_lora", lora), "vlltr_lora", stage2_extra=lora)
 
 
 for _method in (
