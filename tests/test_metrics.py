@@ -268,3 +268,10 @@ def test_metrics_json_round_trip(tmp_path):
     assert loaded["num_many_classes"] == 1
     assert loaded["extra"] == {"np_float": 0.5, "np_int": 7, "array": [1.0, None]}
     assert loaded["inf"] is None
+
+
+def test_group_top1_reads_overall_and_each_shot_group():
+    from training.metrics import group_top1
+
+    metrics = {"top1": 0.5, "many_top1": 0.9, "medium_top1": 0.4, "few_top1": 0.1, "top5": 1.0}
+    assert group_top1(metrics) == {"overall": 0.5, "many": 0.9, "medium": 0.4, "few": 0.1}

@@ -47,7 +47,7 @@ from .corpus import load_corpus
 from .data import ProcessorTransform, eval_image_processor
 from .embedding import embed_images, embed_texts
 from .io_utils import atomic_write, atomic_write_npz, atomic_write_text
-from .metrics import ShotThresholds, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
+from .metrics import ShotThresholds, group_top1, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
 from .splits import load_labelled_split
 
 logger = logging.get_logger(__name__)
@@ -591,7 +591,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "method": name, "seed": seed, "seconds": round(took, 1), "folder": str(evaluated),
                     "steps": [str(p) for p, _ in steps],
                     "step_seconds": [round(t, 1) for _, t in steps],
-                    **{g: metrics["top1"] if g == "overall" else metrics[f"{g}_top1"] for g in GROUPS},
+                    **group_top1(metrics),
                     "per_class_top1": metrics["per_class"]["top1"],
                 })  # fmt: skip
                 bar.update()

@@ -46,7 +46,7 @@ from .corpus import load_corpus
 from .data import ProcessorTransform, eval_image_processor, train_transform
 from .embedding import embed_images, embed_texts
 from .io_utils import atomic_write_json, atomic_write_text
-from .metrics import ShotThresholds, long_tail_metrics, plot_per_class_accuracy
+from .metrics import ShotThresholds, group_top1, long_tail_metrics, plot_per_class_accuracy
 from .splits import load_labelled_split
 from .standin_clip import build_char_tokenizer, save_clip_folder, small_clip_config
 
@@ -225,8 +225,7 @@ def _check_output_dir(out: Path, manifest: dict, overwrite: bool) -> None:
 
 
 def _row(metrics: dict, seconds: float) -> dict:
-    groups = ("overall", "many", "medium", "few")
-    return {**{k: metrics[f"{k}_top1"] if k != "overall" else metrics["top1"] for k in groups}, "seconds": seconds}
+    return {**group_top1(metrics), "seconds": seconds}
 
 
 def _table(rows: dict[str, dict]) -> str:

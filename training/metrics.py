@@ -128,6 +128,11 @@ def shot_group_accuracy(per_class: np.ndarray, groups: np.ndarray) -> dict[str, 
     return accuracies
 
 
+def group_top1(metrics: dict) -> dict[str, float]:
+    """{"overall", "many", "medium", "few"}: top-1 of a `long_tail_metrics` result or a `run_eval` report."""
+    return {"overall": metrics["top1"], **{group: metrics[f"{group}_top1"] for group in SHOT_GROUPS}}
+
+
 def long_tail_metrics(
     logits: ArrayLike,
     labels: ArrayLike,
