@@ -39,7 +39,13 @@ SOT, EOT = 49406, 49407  # CLIP's start / end-of-text ids; the HF tokenizer pads
 MB = 2**20
 QUICK_REPEATS = 5  # timed rounds under --quick: the median of 5 paired ratios already resists one disturbed round
 MAX_WARMUP = 6
+QUICK_WARMUP, QUICK_MAX_WARMUP = 1, 3  # --quick: one untimed round at least (it fills caches and allocator pools)
 WARMUP_TOLERANCE = 0.05  # warm-up ends once a round's ours/floor ratio is within 5% of the previous round's
+# One intra-op thread by default: with two OpenMP threads on two cores, a neighbour process that preempts one thread
+# leaves the other spinning at the next barrier, and that spin is counted as this process's CPU time, more on the
+# side with more synchronisation points (measured: the stage-1 ratio fell 10% beside one spinning process at 2
+# threads, 1.7% at 1 thread). With one thread each side's CPU seconds are its own work.
+DEFAULT_THREADS = 1
 
 
 def vit_b16_clip_config() -> CLIPConfig:
@@ -52,28 +58,43 @@ def vit_b16_clip_config() -> CLIPConfig:
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help=f"torch.set_num_threads (default {DEFAULT_THREADS}: CPU seconds then hold beside a busy process)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (one step per side, order alternating)")
     p.add_argument(
         "--warmup",
         type=int,
-        default=2,
-        help=f"untimed rounds before timing, at least; more (up to {MAX_WARMUP}) until two in a row agree within "
-        f"{WARMUP_TOLERANCE:.0%}",
+        default=None,
+        help=f"untimed rounds before timing, at least (default 2, --quick {QUICK_WARMUP}); more (up to {MAX_WARMUP}, "
+        f"--quick {QUICK_MAX_WARMUP}) until two in a row agree within {WARMUP_TOLERANCE:.0%}",
     )
-    p.add_argument("--quick", action="store_true", help=f"{QUICK_REPEATS} timed rounds; nothing else changes")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"fewer timed rounds ({QUICK_REPEATS} in most cases) and a shorter warm-up; nothing else changes",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p
 
 
-def setup(args, default_repeats: int) -> torch.device:
+def setup(args, default_repeats: int, quick_repeats: int = QUICK_REPEATS) -> torch.device:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.repeats is None:
-        args.repeats = QUICK_REPEATS if args.quick else default_repeats
+        args.repeats = quick_repeats if args.quick else default_repeats
+    if args.warmup is None:
+        args.warmup = QUICK_WARMUP if args.quick else 2
+    args.max_warmup = max(args.warmup, QUICK_MAX_WARMUP if args.quick else MAX_WARMUP)
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    log(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    log(
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats, "
+        f"warm-up {args.warmup}-{args.max_warmup} rounds"
+    )
     return device
 
 
@@ -191,23 +212,25 @@ def alternate(
     Warm-up: at least `warmup` untimed rounds, continued (up to `max_warmup`) until a round's ours/floor ratio is
     within `tolerance` of the previous round's, so caches, allocator pools and lazily built state (e.g. stage 1's
     teacher sentence cache) are in place before the first timed round."""
+    clock = "cpu" if torch.device(device).type == "cpu" else "wall"
+    pick = 1 if clock == "cpu" else 0  # index of the compared seconds in (wall, cpu)
     previous, rounds = None, 0
     for i in range(max(max_warmup, warmup)):
-        (o, _), (f, _) = _round(ours, floor, device, ours_first=i % 2 == 0)
+        o, f = _round(ours, floor, device, ours_first=i % 2 == 0)
         rounds += 1
-        ratio = o / f
-        log(f"warm-up {i + 1}: ours {o:.3f}s, floor {f:.3f}s, ratio {ratio:.3f}")
+        ratio = o[pick] / f[pick]
+        log(f"warm-up {i + 1}: ours {o[0]:.3f}s, floor {f[0]:.3f}s, ratio {ratio:.3f} ({clock})")
         if rounds >= warmup and previous is not None and abs(ratio / previous - 1) <= tolerance:
             break
         previous = ratio
-    t = Timings([], [], [], [], warmup_rounds=rounds, clock="cpu" if torch.device(device).type == "cpu" else "wall")
+    t = Timings([], [], [], [], warmup_rounds=rounds, clock=clock)
     for i in range(repeats):
         (o, oc), (f, fc) = _round(ours, floor, device, ours_first=i % 2 == 0)
         t.ours.append(o)
         t.floor.append(f)
         t.ours_cpu.append(oc)
         t.floor_cpu.append(fc)
-        log(f"round {i + 1}/{repeats}: ours {o:.3f}s, floor {f:.3f}s, ratio {o / f:.3f} (wall)")
+        log(f"round {i + 1}/{repeats}: ours {o:.3f}s, floor {f:.3f}s, ratio {t.paired_ratios[-1]:.3f} ({clock})")
     return t
 
 

@@ -2,7 +2,7 @@
 the total wall time) on stderr; the lines are also written to `bench_output/bench.jsonl`.
 
     python -m benchmarks.run_all            # or: make bench
-    python -m benchmarks.run_all --quick    # 5 timed rounds instead of 7-9
+    python -m benchmarks.run_all --quick    # 5 timed rounds instead of 7-9 (LoRA 3 of 5), warm-up 1-3 rounds, not 2-6
     python -m benchmarks.run_all --device cuda --only inference
 """
 
@@ -29,8 +29,15 @@ CASES = [  # (module, arguments)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="fewer timed rounds; nothing else changes")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=common.DEFAULT_THREADS,
+        help=f"intra-op threads of each case (default {common.DEFAULT_THREADS}, see benchmarks/common.py)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="fewer timed rounds and a shorter warm-up; nothing else changes"
+    )
     p.add_argument("--only", nargs="*", default=None, help="run only the cases whose module names are given")
     p.add_argument("--output", default="bench_output/bench.jsonl")
     args = p.parse_args(argv)

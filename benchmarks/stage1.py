@@ -91,7 +91,7 @@ def main(argv=None):
         model.zero_grad(set_to_none=True)  # the optimizer's zero_grad: the step allocates the gradients
 
     ours_side, floor_side = common.Side(ours, reset), common.Side(floor, reset)
-    timings = common.alternate(ours_side, floor_side, device, args.repeats, args.warmup)
+    timings = common.alternate(ours_side, floor_side, device, args.repeats, args.warmup, args.max_warmup)
     # what the distillation teacher alone costs per step (image tower forward, cached sentences): the floor plus this
     # is the least any implementation of L_dis can take
     teacher_times = [
@@ -126,7 +126,7 @@ def main(argv=None):
             "teacher image features, teacher sentence features from teacher_text_cache, filled in warm-up: the "
             "steady state; (1 - beta) L_ccl + beta L_dis, beta = 0.5) + backward. Floor: student.clip(..., "
             "return_loss=True) + backward, same weights and batch. Gradients set to None before each step on both "
-            "sides (their allocation counts in the peak). B = 8 keeps a step near 7 s on 2 cores. "
+            "sides (their allocation counts in the peak). B = 8 keeps a step near 11 s on one core. "
             "teacher_embeddings_s: the teacher's part of our step alone (image tower forward + cache lookup); "
             "floor_plus_teacher_ratio = (floor + teacher) / floor, the least any implementation of L_dis pays."
         ),

@@ -42,7 +42,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lora-r", type=int, default=8)
     args = p.parse_args(argv)
-    device = common.setup(args, default_repeats=5)
+    device = common.setup(args, default_repeats=5, quick_repeats=3)
 
     base = build_classifier(args.num_classes, device)
     full_model = copy.deepcopy(base)
@@ -67,7 +67,7 @@ def main(argv=None):
         return common.Side(step, lambda: trainer.optimizer.zero_grad(set_to_none=True))
 
     ours, floor = side(lora), side(full)
-    timings = common.alternate(ours, floor, device, args.repeats, args.warmup)
+    timings = common.alternate(ours, floor, device, args.repeats, args.warmup, args.max_warmup)
     ours_step, floor_step = common.peak_memory_mb(ours, device), common.peak_memory_mb(floor, device)
     ours_state, floor_state = _optimizer_state_mb(lora), _optimizer_state_mb(full)
     lora_trainable, total = count_parameters(lora.model)

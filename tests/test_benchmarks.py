@@ -38,6 +38,40 @@ def test_warm_up_lasts_until_the_ratio_settles_and_the_order_alternates(monkeypa
     assert t.paired_ratios == [2.0, 2.0, 2.0] and t.ratio == 2.0
 
 
+def test_on_the_cpu_warm_up_and_headline_use_the_cpu_clock(monkeypatch):
+    """Wall seconds include time preempted by a neighbour; on the CPU both the warm-up's settling test and the
+    headline compare CPU seconds. Scripted: the wall ratios swing (a neighbour), the CPU ratios are a steady 2."""
+    steps = iter(
+        [(3.0, 2.0), (1.0, 1.0), (1.0, 1.0), (6.0, 2.0)] + [(9.0, 2.0), (1.0, 1.0), (1.0, 1.0), (2.0, 2.0)] * 2
+    )
+
+    def run_step(side, device):
+        return next(steps)
+
+    monkeypatch.setattr(common, "run_step", run_step)
+    side = common.Side(lambda: None)
+    t = common.alternate(side, side, torch.device("cpu"), repeats=4, warmup=2)
+    assert t.warmup_rounds == 2  # 2.0 then 2.0 on the CPU clock (wall: 3.0 then 6.0 would not have settled)
+    assert t.clock == "cpu" and t.paired_ratios == [2.0, 2.0, 2.0, 2.0] and t.ratio == 2.0
+
+
+def test_quick_shortens_rounds_and_warm_up_and_one_thread_is_the_default():
+    args = common.parser("x").parse_args(["--quick"])
+    common.setup(args, default_repeats=9)
+    assert (args.repeats, args.warmup, args.max_warmup) == (common.QUICK_REPEATS, 1, common.QUICK_MAX_WARMUP)
+    args = common.parser("x").parse_args([])
+    threads = torch.get_num_threads()
+    try:
+        common.setup(args, default_repeats=9)
+        assert (args.repeats, args.warmup, args.max_warmup, args.threads) == (9, 2, common.MAX_WARMUP, 1)
+        assert torch.get_num_threads() == 1
+        args = common.parser("x").parse_args(["--quick"])
+        common.setup(args, default_repeats=5, quick_repeats=3)
+        assert args.repeats == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_headline_is_the_median_of_paired_ratios_not_the_ratio_of_medians():
     """Load that comes and goes: in rounds 2 and 4 another process slowed both steps of the round 3x, in round 5 only
     the floor's step. The paired median recovers the true 1.2; the ratio of medians does not."""
