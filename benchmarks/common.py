@@ -81,11 +81,11 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def setup(args, default_repeats: int, quick_repeats: int = QUICK_REPEATS) -> torch.device:
+def setup(args, default_repeats: int) -> torch.device:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.repeats is None:
-        args.repeats = quick_repeats if args.quick else default_repeats
+        args.repeats = min(QUICK_REPEATS, default_repeats) if args.quick else default_repeats
     if args.warmup is None:
         args.warmup = QUICK_WARMUP if args.quick else 2
     args.max_warmup = max(args.warmup, QUICK_MAX_WARMUP if args.quick else MAX_WARMUP)

@@ -46,9 +46,11 @@ def table(lines: list[dict]) -> str:
             f"{r['repeats']} |"
         )
     first = lines[0]
+    threads = first.get("threads", "?")
     rows.append("")
     rows.append(
-        f"{first['device']} ({first.get('cpu', '?')}), {first.get('threads', '?')} threads, torch {first['torch']}, "
+        f"{first['device']} ({first.get('cpu', '?')}), {threads} thread{'' if threads == 1 else 's'}, "
+        f"torch {first['torch']}, "
         f"clock: {first.get('clock', 'wall')}; ours / floor (s) are the medians of the rounds' times."
     )
     return "\n".join(rows)

@@ -65,9 +65,6 @@ def test_quick_shortens_rounds_and_warm_up_and_one_thread_is_the_default():
         common.setup(args, default_repeats=9)
         assert (args.repeats, args.warmup, args.max_warmup, args.threads) == (9, 2, common.MAX_WARMUP, 1)
         assert torch.get_num_threads() == 1
-        args = common.parser("x").parse_args(["--quick"])
-        common.setup(args, default_repeats=5, quick_repeats=3)
-        assert args.repeats == 3
     finally:
         torch.set_num_threads(threads)
 
