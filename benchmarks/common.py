@@ -38,7 +38,7 @@ SOT, EOT = 49406, 49407  # CLIP's start / end-of-text ids; the HF tokenizer pads
 
 MB = 2**20
 QUICK_REPEATS = 5  # timed rounds under --quick: the median of 5 paired ratios already resists one disturbed round
-MAX_WARMUP = 6
+WARMUP, MAX_WARMUP = 2, 6  # untimed rounds: at least, at most
 QUICK_WARMUP, QUICK_MAX_WARMUP = 1, 3  # --quick: one untimed round at least (it fills caches and allocator pools)
 WARMUP_TOLERANCE = 0.05  # warm-up ends once a round's ours/floor ratio is within 5% of the previous round's
 # One intra-op thread by default: with two OpenMP threads on two cores, a neighbour process that preempts one thread
@@ -69,7 +69,7 @@ def parser(description: str) -> argparse.ArgumentParser:
         "--warmup",
         type=int,
         default=None,
-        help=f"untimed rounds before timing, at least (default 2, --quick {QUICK_WARMUP}); more (up to {MAX_WARMUP}, "
+        help=f"untimed rounds before timing, at least (default {WARMUP}, --quick {QUICK_WARMUP}); more (up to {MAX_WARMUP}, "
         f"--quick {QUICK_MAX_WARMUP}) until two in a row agree within {WARMUP_TOLERANCE:.0%}",
     )
     p.add_argument(
@@ -85,9 +85,9 @@ def setup(args, default_repeats: int) -> torch.device:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.repeats is None:
-        args.repeats = min(QUICK_REPEATS, default_repeats) if args.quick else default_repeats
+        args.repeats = QUICK_REPEATS if args.quick else default_repeats
     if args.warmup is None:
-        args.warmup = QUICK_WARMUP if args.quick else 2
+        args.warmup = QUICK_WARMUP if args.quick else WARMUP
     args.max_warmup = max(args.warmup, QUICK_MAX_WARMUP if args.quick else MAX_WARMUP)
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -188,13 +188,21 @@ class Timings:
         return {"q1": q1, "q3": q3, "min": ratios[0], "max": ratios[-1], "relative_iqr": (q3 - q1) / self.ratio}
 
 
-def _round(ours: Side, floor: Side, device, ours_first: bool) -> tuple[tuple[float, float], tuple[float, float]]:
-    """One round: a step of each side back to back, in the given order. Returns ((wall, cpu) ours, (wall, cpu) floor)."""
+def _round(ours: Side, floor: Side, device, ours_first: bool, into: Timings) -> float:
+    """One round: a step of each side back to back, in the given order, appended to `into`. Returns the round's
+    paired ratio (on `into`'s clock)."""
     if ours_first:
         o = run_step(ours, device)
-        return o, run_step(floor, device)
-    f = run_step(floor, device)
-    return run_step(ours, device), f
+        f = run_step(floor, device)
+    else:
+        f = run_step(floor, device)
+        o = run_step(ours, device)
+    (ow, oc), (fw, fc) = o, f
+    into.ours.append(ow)
+    into.floor.append(fw)
+    into.ours_cpu.append(oc)
+    into.floor_cpu.append(fc)
+    return into.paired_ratios[-1]
 
 
 def alternate(
@@ -202,7 +210,7 @@ def alternate(
     floor: Side,
     device,
     repeats: int,
-    warmup: int = 2,
+    warmup: int = WARMUP,
     max_warmup: int = MAX_WARMUP,
     tolerance: float = WARMUP_TOLERANCE,
 ) -> Timings:
@@ -211,26 +219,21 @@ def alternate(
 
     Warm-up: at least `warmup` untimed rounds, continued (up to `max_warmup`) until a round's ours/floor ratio is
     within `tolerance` of the previous round's, so caches, allocator pools and lazily built state (e.g. stage 1's
-    teacher sentence cache) are in place before the first timed round."""
+    teacher sentence cache) are in place before the first timed round. Warm-up and timed rounds compare the same
+    clock (`Timings.paired_ratios`)."""
     clock = "cpu" if torch.device(device).type == "cpu" else "wall"
-    pick = 1 if clock == "cpu" else 0  # index of the compared seconds in (wall, cpu)
-    previous, rounds = None, 0
+    warm = Timings([], [], [], [], clock=clock)
+    previous = None
     for i in range(max(max_warmup, warmup)):
-        o, f = _round(ours, floor, device, ours_first=i % 2 == 0)
-        rounds += 1
-        ratio = o[pick] / f[pick]
-        log(f"warm-up {i + 1}: ours {o[0]:.3f}s, floor {f[0]:.3f}s, ratio {ratio:.3f} ({clock})")
-        if rounds >= warmup and previous is not None and abs(ratio / previous - 1) <= tolerance:
+        ratio = _round(ours, floor, device, i % 2 == 0, warm)
+        log(f"warm-up {i + 1}: ours {warm.ours[-1]:.3f}s, floor {warm.floor[-1]:.3f}s, ratio {ratio:.3f} ({clock})")
+        if i + 1 >= warmup and previous is not None and abs(ratio / previous - 1) <= tolerance:
             break
         previous = ratio
-    t = Timings([], [], [], [], warmup_rounds=rounds, clock=clock)
+    t = Timings([], [], [], [], warmup_rounds=len(warm.ours), clock=clock)
     for i in range(repeats):
-        (o, oc), (f, fc) = _round(ours, floor, device, ours_first=i % 2 == 0)
-        t.ours.append(o)
-        t.floor.append(f)
-        t.ours_cpu.append(oc)
-        t.floor_cpu.append(fc)
-        log(f"round {i + 1}/{repeats}: ours {o:.3f}s, floor {f:.3f}s, ratio {t.paired_ratios[-1]:.3f} ({clock})")
+        ratio = _round(ours, floor, device, i % 2 == 0, t)
+        log(f"round {i + 1}/{repeats}: ours {t.ours[-1]:.3f}s, floor {t.floor[-1]:.3f}s, ratio {ratio:.3f} ({clock})")
     return t
 
 
