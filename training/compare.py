@@ -47,12 +47,18 @@ from .corpus import load_corpus
 from .data import ProcessorTransform, eval_image_processor
 from .embedding import embed_images, embed_texts
 from .io_utils import atomic_write, atomic_write_npz, atomic_write_text
-from .metrics import ShotThresholds, group_top1, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
+from .metrics import (
+    TOP1_GROUPS,
+    ShotThresholds,
+    group_top1,
+    long_tail_metrics,
+    plot_per_class_accuracy,
+    write_metrics_json,
+)
 from .splits import load_labelled_split
 
 logger = logging.get_logger(__name__)
 
-GROUPS = ("overall", "many", "medium", "few")
 # The paper's ablation (Tian et al. 2022, ablation table; ImageNet-LT, CLIP ResNet-50, top-1 %), as reported there
 # and listed in docs/method.md §5.2. These are the paper's numbers, printed beside the measured ones, never measured.
 PAPER_SOURCE = "paper, ImageNet-LT, CLIP ResNet-50 (docs/method.md §5.2)"
@@ -451,7 +457,7 @@ def markdown_table(summary: dict, seconds: dict, seeds: list[int], claims: list[
     for name, row in summary.items():
         method = METHODS[name]
         paper = f"{method.paper_top1:.1f}" if method.paper_top1 is not None else "—"
-        cells = [_fmt(*row[g], n) for g in GROUPS]
+        cells = [_fmt(*row[g], n) for g in TOP1_GROUPS]
         secs = f"{np.mean(seconds[name]):.0f}"
         lines.append(f"| {method.label.strip()} (`{name}`) | {paper} | " + " | ".join(cells) + f" | {secs} |")
     if claims:
@@ -596,8 +602,8 @@ def main(argv: list[str] | None = None) -> dict:
                 })  # fmt: skip
                 bar.update()
 
-    per_seed = {m: {g: [r[g] for r in runs if r["method"] == m] for g in GROUPS} for m in methods}
-    summary = {m: {g: _summary(per_seed[m][g]) for g in GROUPS} for m in methods}
+    per_seed = {m: {g: [r[g] for r in runs if r["method"] == m] for g in TOP1_GROUPS} for m in methods}
+    summary = {m: {g: _summary(per_seed[m][g]) for g in TOP1_GROUPS} for m in methods}
     claims = verdicts(summary, len(seeds))
     table = markdown_table(summary, seconds, seeds, claims, ctx.note)
     atomic_write_text(out / "table.md", table)
@@ -624,7 +630,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "label": METHODS[m].label.strip(),
                 "description": METHODS[m].description,
                 "paper_top1": METHODS[m].paper_top1,
-                **{g: {"mean": summary[m][g][0], "std": summary[m][g][1], "per_seed": per_seed[m][g]} for g in GROUPS},
+                **{
+                    g: {"mean": summary[m][g][0], "std": summary[m][g][1], "per_seed": per_seed[m][g]}
+                    for g in TOP1_GROUPS
+                },
                 "seconds_mean": float(np.mean(seconds[m])),
             }
             for m in methods

@@ -46,7 +46,7 @@ from .corpus import load_corpus
 from .data import ProcessorTransform, eval_image_processor, train_transform
 from .embedding import embed_images, embed_texts
 from .io_utils import atomic_write_json, atomic_write_text
-from .metrics import ShotThresholds, group_top1, long_tail_metrics, plot_per_class_accuracy
+from .metrics import TOP1_GROUPS, ShotThresholds, group_top1, long_tail_metrics, plot_per_class_accuracy
 from .splits import load_labelled_split
 from .standin_clip import build_char_tokenizer, save_clip_folder, small_clip_config
 
@@ -233,7 +233,7 @@ def _table(rows: dict[str, dict]) -> str:
         return "n/a" if v is None or math.isnan(v) else f"{100 * v:.1f}"
 
     lines = ["| method | overall | many | medium | few | seconds |", "|---|---|---|---|---|---|"]
-    lines += [f"| {name} | " + " | ".join(pct(r[k]) for k in ("overall", "many", "medium", "few"))
+    lines += [f"| {name} | " + " | ".join(pct(r[k]) for k in TOP1_GROUPS)
               + f" | {r['seconds']:.0f} |" for name, r in rows.items()]  # fmt: skip
     return "\n".join(lines)
 

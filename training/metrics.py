@@ -19,6 +19,7 @@ logger = logging.get_logger(__name__)
 ArrayLike = np.ndarray | torch.Tensor | Sequence
 
 SHOT_GROUPS = ("many", "medium", "few")
+TOP1_GROUPS = ("overall", *SHOT_GROUPS)  # the keys of group_top1, in table order
 
 
 # --- shot groups
