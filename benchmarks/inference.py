@@ -35,7 +35,7 @@ def main(argv=None):
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--batch", type=int, default=16)
     args = p.parse_args(argv)
-    device = common.setup(args, default_repeats=9)
+    device = common.setup(args)
     num_classes = args.num_classes
     time_bound, memory_bound = BOUNDS.get(num_classes, (1.15, 1.25))
 

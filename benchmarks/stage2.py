@@ -32,7 +32,7 @@ def main(argv=None):
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--batch", type=int, default=16)
     args = p.parse_args(argv)
-    device = common.setup(args, default_repeats=9)
+    device = common.setup(args)
     num_classes = args.num_classes
 
     model = build_classifier(num_classes, device)

@@ -56,14 +56,21 @@ def test_on_the_cpu_warm_up_and_headline_use_the_cpu_clock(monkeypatch):
 
 
 def test_quick_shortens_rounds_and_warm_up_and_one_thread_is_the_default():
-    args = common.parser("x").parse_args(["--quick"])
-    common.setup(args, default_repeats=9)
-    assert (args.repeats, args.warmup, args.max_warmup) == (common.QUICK_REPEATS, 1, common.QUICK_MAX_WARMUP)
-    args = common.parser("x").parse_args([])
     threads = torch.get_num_threads()
     try:
-        common.setup(args, default_repeats=9)
-        assert (args.repeats, args.warmup, args.max_warmup, args.threads) == (9, 2, common.MAX_WARMUP, 1)
+        args = common.parser("x").parse_args(["--quick"])
+        common.setup(args)
+        assert (args.repeats, args.warmup, args.max_warmup) == (common.QUICK_REPEATS, 1, common.QUICK_MAX_WARMUP)
+        args = common.parser("x").parse_args(["--quick"])
+        common.setup(args, repeats=15, quick_repeats=9)  # a case with long steps sets its own
+        assert args.repeats == 9
+        args = common.parser("x").parse_args(["--quick", "--repeats", "3"])
+        common.setup(args)
+        assert args.repeats == 3  # --repeats wins
+        args = common.parser("x").parse_args([])
+        common.setup(args)
+        assert (args.repeats, args.warmup, args.max_warmup, args.threads) == (common.REPEATS, 2, common.MAX_WARMUP, 1)
+        assert common.QUICK_REPEATS < common.REPEATS
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
