@@ -144,3 +144,13 @@ def test_report_compares_two_runs_case_by_case(tmp_path, capsys):
     assert report.main([full]) == 0
     table = capsys.readouterr().out
     assert "| b | 1.300 | 1.000 | 1.300 [1.300-1.300] (≤ 1.1) MISSED |" in table
+
+
+def test_standard_error_of_the_headline_from_its_rounds():
+    """1.2533 · 1.4826 · MAD / √n over the median: ratios 0.9, 1.0, 1.1 have median 1.0 and MAD 0.1."""
+    from benchmarks import report
+
+    assert abs(report.standard_error({"paired_ratios": [1.1, 0.9, 1.0]}) - 1.2533 * 1.4826 * 0.1 / 3**0.5) < 1e-9
+    # a heavy tail does not move it: one round 10x off changes the MAD, not by the size of the outlier
+    assert report.standard_error({"paired_ratios": [1.1, 0.9, 1.0, 1.0, 10.0]}) < 0.1
+    assert report.standard_error({"paired_ratios": [1.0, 1.1]}) is None and report.standard_error({}) is None
