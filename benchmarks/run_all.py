@@ -2,7 +2,7 @@
 the total wall time) on stderr; the lines are also written to `bench_output/bench.jsonl`.
 
     python -m benchmarks.run_all            # or: make bench
-    python -m benchmarks.run_all --quick    # 5 timed rounds instead of 7-9, warm-up 1-3 rounds instead of 2-6
+    python -m benchmarks.run_all --quick    # 9 timed rounds instead of 17 (7 / 13 in the long cases), warm-up 1-3 rounds instead of 2-4
     python -m benchmarks.run_all --device cuda --only inference
 """
 
