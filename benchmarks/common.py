@@ -38,10 +38,10 @@ SOT, EOT = 49406, 49407  # CLIP's start / end-of-text ids; the HF tokenizer pads
 
 MB = 2**20
 # Timed rounds (one step per side each). Measured on a shared 2-core VM, idle: the paired ratio of one round scatters
-# with a median absolute deviation of 3-5% around its median and a heavy tail (single rounds 20-40% off), whether a
-# step takes 1.3 s or 5.5 s; summing several pairs into one round lets the tail in, the median of single pairs keeps
-# it out. The median of n rounds then has a standard error of about 1.9·MAD/√n: ~1.6% at 17 rounds, ~2.2% at --quick's
-# 9 (for a MAD of 3.5%), so a --quick run and a full run seldom differ by more than 5%. Cases whose steps are long take fewer.
+# with a median absolute deviation (MAD) of 3-6% around its median and a heavy tail (single rounds 20-40% off),
+# whether a step takes 1.3 s or 5.5 s; summing several pairs into one round lets the tail in, the median of single
+# pairs keeps it out. The median of n rounds then has a standard error of about 1.9·MAD/√n (benchmarks.report prints
+# it per case): 1.3-4.8% at 17 rounds in the run of 2026-11-30. Cases whose rounds take 15-28 s take fewer.
 REPEATS, QUICK_REPEATS = 17, 9
 WARMUP, MAX_WARMUP = 2, 4  # untimed rounds: at least, at most
 QUICK_WARMUP, QUICK_MAX_WARMUP = 1, 3  # --quick: one untimed round at least (it fills caches and allocator pools)
