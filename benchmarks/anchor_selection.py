@@ -36,7 +36,7 @@ def main(argv=None):
         help="embed_and_select_anchors' chunk_sentences (default there 8192): below N, so both N span several chunks",
     )
     args = p.parse_args(argv)
-    device = common.setup(args, repeats=13, quick_repeats=7)  # a round is ~15 s at N = 1000
+    device = common.setup(args, common.LONG_REPEATS, common.QUICK_LONG_REPEATS)  # a round is ~15 s at N = 1000
 
     model = VLLTRModel(VLLTRConfig(clip_config=common.vit_b16_clip_config())).to(device).eval()
     num_classes, num_images = args.classes, args.classes * args.images_per_class

@@ -41,9 +41,10 @@ MB = 2**20
 # with a median absolute deviation (MAD) of 3-6% around its median and a heavy tail (single rounds 20-40% off),
 # whether a step takes 1.3 s or 5.5 s; summing several pairs into one round lets the tail in, the median of single
 # pairs keeps it out. The median of n rounds then has a standard error of about 1.9·MAD/√n (benchmarks.report prints
-# it per case): 1.3-3.0% at 17 rounds, 2.1-4.8% at 13 in the run of 2026-11-30. Cases whose rounds take 15-28 s take
-# fewer.
+# it per case): 1.3-3.0% at 17 rounds, 2.1-4.8% at 13 in the run of 2026-11-30. Cases whose rounds take 15-28 s
+# (anchor selection, LoRA) take the LONG_ counts.
 REPEATS, QUICK_REPEATS = 17, 9
+LONG_REPEATS, QUICK_LONG_REPEATS = 13, 7
 WARMUP, MAX_WARMUP = 2, 4  # untimed rounds: at least, at most
 QUICK_WARMUP, QUICK_MAX_WARMUP = 1, 3  # --quick: one untimed round at least (it fills caches and allocator pools)
 WARMUP_TOLERANCE = 0.05  # warm-up ends once a round's ours/floor ratio is within 5% of the previous round's

@@ -42,7 +42,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lora-r", type=int, default=8)
     args = p.parse_args(argv)
-    device = common.setup(args, repeats=13, quick_repeats=7)  # a round is ~28 s at B = 16
+    device = common.setup(args, common.LONG_REPEATS, common.QUICK_LONG_REPEATS)  # a round is ~28 s at B = 16
 
     base = build_classifier(args.num_classes, device)
     full_model = copy.deepcopy(base)
