@@ -82,7 +82,7 @@ def parser(description: str) -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"untimed rounds before timing, at least (default {WARMUP}, --quick {QUICK_WARMUP}); more (up to {MAX_WARMUP}, "
-        f"--quick {QUICK_MAX_WARMUP}) until two in a row agree within {WARMUP_TOLERANCE:.0%}",
+        f"--quick {QUICK_MAX_WARMUP}) until two in a row agree within {100 * WARMUP_TOLERANCE:.0f}%%",  # argparse: %% is %
     )
     p.add_argument(
         "--quick",

@@ -154,3 +154,17 @@ def test_standard_error_of_the_headline_from_its_rounds():
     # a heavy tail does not move it: one round 10x off changes the MAD, not by the size of the outlier
     assert report.standard_error({"paired_ratios": [1.1, 0.9, 1.0, 1.0, 10.0]}) < 0.1
     assert report.standard_error({"paired_ratios": [1.0, 1.1]}) is None and report.standard_error({}) is None
+
+
+def test_every_case_prints_its_help(capsys):
+    """argparse formats help strings with %: a literal percent sign in one (e.g. a tolerance) must be escaped."""
+    import importlib
+
+    import pytest
+
+    for name in ("inference", "stage1", "anchor_selection", "stage2", "stage2_lora"):
+        module = importlib.import_module(f"benchmarks.{name}")
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--help"])
+        assert exit_info.value.code == 0, name
+        assert "--warmup" in capsys.readouterr().out, name
