@@ -62,24 +62,37 @@ def vit_b16_clip_config() -> CLIPConfig:
 # --- command line and set-up
 
 
+def at_least(low: int):
+    """An argparse type: an integer >= `low` (argparse turns the ValueError into a one-line usage error)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = f"integer >= {low}"  # how argparse names the expected type in its message
+    return parse
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument(
         "--threads",
-        type=int,
+        type=at_least(1),
         default=DEFAULT_THREADS,
         help=f"torch.set_num_threads (default {DEFAULT_THREADS}: CPU seconds then hold beside a busy process)",
     )
     p.add_argument(
         "--repeats",
-        type=int,
+        type=at_least(1),
         default=None,
         help="timed rounds (one step per side, order alternating; default per case, --quick about half)",
     )
     p.add_argument(
         "--warmup",
-        type=int,
+        type=at_least(0),
         default=None,
         help=f"untimed rounds before timing, at least (default {WARMUP}, --quick {QUICK_WARMUP}); more (up to {MAX_WARMUP}, "
         f"--quick {QUICK_MAX_WARMUP}) until two in a row agree within {100 * WARMUP_TOLERANCE:.0f}%%",  # argparse: %% is %
@@ -105,7 +118,10 @@ def setup(args, repeats: int = REPEATS, quick_repeats: int = QUICK_REPEATS) -> t
         args.warmup = QUICK_WARMUP if args.quick else WARMUP
     args.max_warmup = max(args.warmup, QUICK_MAX_WARMUP if args.quick else MAX_WARMUP)
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {args.device!r}: not a device (cpu, cuda, cuda:N or auto)") from None
     log(
         f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats, "
         f"warm-up {args.warmup}-{args.max_warmup} rounds"

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--threads",
-        type=int,
+        type=common.at_least(1),
         default=common.DEFAULT_THREADS,
         help=f"intra-op threads of each case (default {common.DEFAULT_THREADS}, see benchmarks/common.py)",
     )

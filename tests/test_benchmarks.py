@@ -168,3 +168,24 @@ def test_every_case_prints_its_help(capsys):
             module.main(["--help"])
         assert exit_info.value.code == 0, name
         assert "--warmup" in capsys.readouterr().out, name
+
+
+def test_bad_flags_stop_with_one_line_before_any_model_is_built(capsys):
+    import pytest
+
+    from benchmarks import inference, run_all
+
+    for argv in (["--repeats", "0"], ["--threads", "0"], ["--warmup", "-1"], ["--repeats", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            inference.main(argv)
+        assert exit_info.value.code == 2, argv
+        assert f"argument {argv[0]}: invalid integer >=" in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit) as exit_info:
+        run_all.main(["--threads", "0"])
+    assert exit_info.value.code == 2
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit, match="--device 'nosuch': not a device"):
+            inference.main(["--device", "nosuch"])
+    finally:
+        torch.set_num_threads(threads)
