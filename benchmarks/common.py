@@ -4,11 +4,12 @@ step, and the JSON line each case prints."""
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,9 @@ WARMUP_TOLERANCE = 0.05  # warm-up ends once a round's ours/floor ratio is withi
 # side with more synchronisation points (measured: the stage-1 ratio fell 10% beside one spinning process at 2
 # threads, 1.7% at 1 thread). With one thread each side's CPU seconds are its own work.
 DEFAULT_THREADS = 1
+# On the CPU a case pins itself to `threads` CPUs (the last ones it may use; CPU 0 takes most interrupts): a thread
+# that the scheduler moves between CPUs finds its caches cold. Measured (inference C = 1000 at B = 4, 40 rounds each,
+# back to back, 2026-11-30): the per-round paired ratio's MAD was 1.9% pinned, 2.6% not.
 
 
 def vit_b16_clip_config() -> CLIPConfig:
@@ -104,6 +108,12 @@ def parser(description: str) -> argparse.ArgumentParser:
         "nothing else changes",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--coordinated",
+        action="store_true",
+        help="used by run_all: after the warm-up, run the timed rounds in the blocks that run_all asks for on stdin "
+        "('run K' ... 'finish'), so the cases' rounds interleave over the whole run",
+    )
     return p
 
 
@@ -117,16 +127,31 @@ def setup(args, repeats: int = REPEATS, quick_repeats: int = QUICK_REPEATS) -> t
     if args.warmup is None:
         args.warmup = QUICK_WARMUP if args.quick else WARMUP
     args.max_warmup = max(args.warmup, QUICK_MAX_WARMUP if args.quick else MAX_WARMUP)
+    args.blocks = coordinated_blocks if args.coordinated else None
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise SystemExit(f"--device {args.device!r}: not a device (cpu, cuda, cuda:N or auto)") from None
+    args.pinned_cpus = pin_to_cpus(args.threads) if device.type == "cpu" else None
     log(
         f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats, "
-        f"warm-up {args.warmup}-{args.max_warmup} rounds"
+        f"warm-up {args.warmup}-{args.max_warmup} rounds, CPUs {args.pinned_cpus or 'not pinned'}"
     )
     return device
+
+
+def pin_to_cpus(threads: int) -> list[int] | None:
+    """Pins this process to the last `threads` of the CPUs it may run on (Linux); returns them, or None where
+    pinning is not possible or would leave nothing out."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) <= threads:
+        return None
+    cpus = allowed[-threads:]
+    os.sched_setaffinity(0, cpus)
+    return cpus
 
 
 def log(message: str) -> None:
@@ -192,6 +217,7 @@ class Timings:
     ours_cpu: list[float]  # CPU seconds of the process per step (all threads)
     floor_cpu: list[float]
     warmup_rounds: int = 0
+    blocks: int = 1  # how many stretches of the run the timed rounds came in (run_all interleaves the cases)
     clock: str = "wall"  # what the ratio compares: "wall" seconds (CUDA) or the process's "cpu" seconds (CPU runs)
 
     @property
@@ -244,6 +270,7 @@ def alternate(
     warmup: int = WARMUP,
     max_warmup: int = MAX_WARMUP,
     tolerance: float = WARMUP_TOLERANCE,
+    blocks: Callable[[int], Iterable[int]] | None = None,
 ) -> Timings:
     """Times `ours` against `floor` in one process, in rounds of one step each, back to back, the order flipping
     every round (ours, floor | floor, ours | ...) so a drift of the machine hits both sides alike.
@@ -251,7 +278,11 @@ def alternate(
     Warm-up: at least `warmup` untimed rounds, continued (up to `max_warmup`) until a round's ours/floor ratio is
     within `tolerance` of the previous round's, so caches, allocator pools and lazily built state (e.g. stage 1's
     teacher sentence cache) are in place before the first timed round. Warm-up and timed rounds compare the same
-    clock (`Timings.paired_ratios`)."""
+    clock (`Timings.paired_ratios`).
+
+    `blocks(repeats)`, when given, yields how many timed rounds to run next, block after block, and may pause in
+    between (`coordinated_blocks`: run_all runs the other cases meanwhile); each block after the first starts with
+    one more untimed round, since the process sat idle while other work ran. Without it all rounds run in one go."""
     clock = "cpu" if torch.device(device).type == "cpu" else "wall"
     warm = Timings([], [], [], [], clock=clock)
     previous = None
@@ -262,10 +293,41 @@ def alternate(
             break
         previous = ratio
     t = Timings([], [], [], [], warmup_rounds=len(warm.ours), clock=clock)
-    for i in range(repeats):
-        ratio = _round(ours, floor, device, i % 2 == 0, t)
-        log(f"round {i + 1}/{repeats}: ours {t.ours[-1]:.3f}s, floor {t.floor[-1]:.3f}s, ratio {ratio:.3f} ({clock})")
+    rounds = 0  # all rounds run so far, timed or not, so the order keeps alternating across blocks
+    for block, size in enumerate(blocks(repeats) if blocks is not None else [repeats]):
+        if block > 0:
+            ratio = _round(ours, floor, device, rounds % 2 == 0, warm)
+            t.warmup_rounds += 1
+            t.blocks += 1
+            rounds += 1
+            log(f"block {block + 1}, untimed round: ratio {ratio:.3f} ({clock})")
+        for _ in range(size):
+            ratio = _round(ours, floor, device, rounds % 2 == 0, t)
+            rounds += 1
+            log(
+                f"round {len(t.ours)}/{repeats}: ours {t.ours[-1]:.3f}s, floor {t.floor[-1]:.3f}s, ratio {ratio:.3f} "
+                f"({clock})"
+            )
     return t
+
+
+def coordinated_blocks(repeats: int, commands=None, replies=None) -> Iterator[int]:
+    """The case's side of run_all's interleaving (`alternate(..., blocks=...)`): says `#ready <repeats>` on
+    `replies` (stdout), then for each `run K` line read from `commands` (stdin) yields K and, once those rounds ran,
+    says `#done`; stops at `finish` or at the end of the input."""
+    commands = sys.stdin if commands is None else commands
+    replies = sys.stdout if replies is None else replies
+    print(f"#ready {repeats}", file=replies, flush=True)
+    for line in commands:
+        words = line.split()
+        if not words or words[0] == "finish":
+            return
+        if words[0] != "run" or len(words) != 2 or not words[1].isdigit():
+            raise SystemExit(
+                f"benchmark case: unexpected command {line.strip()!r} on stdin (expected 'run K' or 'finish')"
+            )
+        yield int(words[1])
+        print("#done", file=replies, flush=True)
 
 
 # --- memory
@@ -380,6 +442,7 @@ def emit(
         "torch": torch.__version__,
         "repeats": len(timings.ours),
         "warmup_rounds": timings.warmup_rounds,
+        "blocks": timings.blocks,
         **extra,
         "ours_times_s": [round(t, 3) for t in timings.ours],
         "floor_times_s": [round(t, 3) for t in timings.floor],
@@ -392,6 +455,7 @@ def emit(
         "floor_cpu_s": round(floor_cpu_s, 3),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,  # pinned (setup)
     }
     print(json.dumps(result), flush=True)
     return result

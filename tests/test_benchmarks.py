@@ -57,6 +57,7 @@ def test_on_the_cpu_warm_up_and_headline_use_the_cpu_clock(monkeypatch):
 
 def test_quick_shortens_rounds_and_warm_up_and_one_thread_is_the_default():
     threads = torch.get_num_threads()
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
         args = common.parser("x").parse_args(["--quick"])
         common.setup(args)
@@ -74,6 +75,8 @@ def test_quick_shortens_rounds_and_warm_up_and_one_thread_is_the_default():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)  # setup pinned this process
 
 
 def test_headline_is_the_median_of_paired_ratios_not_the_ratio_of_medians():
@@ -189,3 +192,89 @@ def test_bad_flags_stop_with_one_line_before_any_model_is_built(capsys):
             inference.main(["--device", "nosuch"])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_rounds_in_blocks_keep_alternating_and_each_later_block_starts_untimed(monkeypatch):
+    """alternate(..., blocks=...) runs the timed rounds block by block (run_all interleaves the cases that way); a
+    block after the first starts with one untimed round, and the order keeps flipping across blocks."""
+    warm = [("ours", 2.0), ("floor", 1.0), ("floor", 1.0), ("ours", 2.0)]  # settles after 2 rounds
+    block1 = [("ours", 2.0), ("floor", 1.0), ("floor", 1.0), ("ours", 2.2)]
+    rewarm = [("ours", 9.0), ("floor", 1.0)]  # a cold round after the pause: not timed
+    block2 = [("floor", 1.0), ("ours", 1.8)]
+    ours, floor = _scripted(monkeypatch, warm + block1 + rewarm + block2)
+    t = common.alternate(ours, floor, torch.device("cpu"), repeats=3, warmup=2, blocks=lambda repeats: iter([2, 1]))
+    assert t.ours == [2.0, 2.2, 1.8] and t.floor == [1.0, 1.0, 1.0]
+    assert t.warmup_rounds == 3 and t.blocks == 2
+
+
+def test_coordinated_case_reports_ready_runs_what_it_is_sent_and_rejects_other_commands(monkeypatch):
+    import functools
+    import io
+
+    import pytest
+
+    # warm-up 2 rounds, block 1: 2, an untimed round, block 2: 1; the order flips every round
+    pair = [("ours", 2.0), ("floor", 1.0)]
+    ours, floor = _scripted(monkeypatch, (pair + pair[::-1]) * 3)
+    replies = io.StringIO()
+    blocks = functools.partial(
+        common.coordinated_blocks, commands=io.StringIO("run 2\nrun 1\nfinish\n"), replies=replies
+    )
+    t = common.alternate(ours, floor, torch.device("cpu"), repeats=3, warmup=2, max_warmup=2, blocks=blocks)
+    assert replies.getvalue() == "#ready 3\n#done\n#done\n"
+    assert len(t.ours) == 3 and t.blocks == 2
+    with pytest.raises(SystemExit, match="unexpected command 'go 2' on stdin"):
+        list(common.coordinated_blocks(3, commands=io.StringIO("go 2\n"), replies=io.StringIO()))
+
+
+_TINY_CASE = """
+import sys, torch
+from benchmarks import common
+name, log = sys.argv[1], sys.argv[2]
+args = common.parser("tiny").parse_args(sys.argv[3:])
+device = common.setup(args, repeats=5, quick_repeats=3)
+def step():
+    with open(log, "a") as f:
+        f.write(name)
+ours, floor = common.Side(step), common.Side(step)
+t = common.alternate(ours, floor, device, args.repeats, 1, 1, blocks=args.blocks)
+common.emit(name, t, 2.0, 1.0, 1.0, 2.0, batch=1, note="", device=device)
+"""
+
+
+def test_run_all_interleaves_the_cases_in_blocks(tmp_path):
+    """Two tiny cases in their own processes, 5 rounds each in 3 blocks: their timed steps take turns block by
+    block (A's warm-up, B's warm-up, A 2 rounds, B 2, A untimed + 2, B untimed + 2, A untimed + 1, B untimed + 1),
+    and each prints its result line when finished. A case that dies is reported as failed, the others go on."""
+    from benchmarks import run_all
+
+    log = tmp_path / "steps.txt"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    command = [sys.executable, "-c", _TINY_CASE]
+    cases = [run_all.Case(name, [*command, name, str(log), "--threads", "1"], env, 3) for name in "AB"]
+    broken = run_all.Case("broken", [sys.executable, "-c", "raise SystemExit(3)"], env, 3)
+    assert broken.failed
+    results = run_all.interleave([cases[0], broken, cases[1]], 3)
+    assert [r["case"] for r in results] == ["A", "B"] and [r["repeats"] for r in results] == [5, 5]
+    assert [r["blocks"] for r in results] == [3, 3]
+    # each round is two steps; warm-up 1 round; blocks 2, 2, 1 rounds, the later ones after one untimed round
+    expected = "AA" + "BB" + "AAAA" + "BBBB" + "AAAAAA" + "BBBBBB" + "AAAA" + "BBBB"
+    assert log.read_text() == expected
+    assert run_all.split(17, 3) == [6, 6, 5] and run_all.split(2, 3) == [1, 1]
+
+
+def test_a_cpu_case_pins_itself_to_its_threads(tmp_path):
+    """setup pins a CPU case to the last `threads` CPUs it may use (where there are more than that), so the
+    scheduler does not move its thread between CPUs mid-step; the JSON line records them."""
+    import pytest
+
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux and two CPUs")
+    code = (
+        "import os, torch; from benchmarks import common; "
+        "args = common.parser('x').parse_args(['--device', 'cpu']); common.setup(args); "
+        "print(args.pinned_cpus, sorted(os.sched_getaffinity(0)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("] [")
+    last = sorted(os.sched_getaffinity(0))[-1]
+    assert out == [f"[{last}", f"{last}]\n"]
