@@ -30,6 +30,21 @@ CASES = [  # (module, arguments)
 # step, so a case timed in one stretch of a few minutes reads that stretch's conditions; spread over the whole run,
 # every case samples them all alike. Each process stays alive (idle) between its blocks.
 BLOCKS = 3
+# Resident memory of the six CPU cases alive at once (2026-11-30, measured with ps between blocks: 14.5 GB, LoRA
+# 3.6 GB, stage 1 2.7 GB, inference C = 8142 2.7 GB) with a margin for the memory steps at the end; with less
+# available, run_all runs each case start to finish instead (as --blocks 1), one process alive at a time.
+INTERLEAVED_MEMORY_GB = 17
+
+
+def available_memory_gb() -> float | None:
+    """MemAvailable of /proc/meminfo in GB (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def split(repeats: int, blocks: int) -> list[int]:
@@ -150,18 +165,28 @@ def main(argv=None) -> int:
     shared = ["--device", args.device, "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
     env = {"KINETO_LOG_LEVEL": "5", "TOKENIZERS_PARALLELISM": "false", **os.environ}  # kineto: no start/stop lines
     started = time.perf_counter()
-    # One case at a time holds the CPU: each builds and warms up in turn (the others already built wait, idle).
     selected = [(module, case_args) for module, case_args in CASES if not args.only or module in args.only]
-    cases = [
-        Case(
-            " ".join([module, *case_args]),
-            [sys.executable, "-m", f"benchmarks.{module}", *case_args, *shared],
-            env,
-            args.blocks,
+    available = available_memory_gb()
+    if args.blocks > 1 and len(selected) > 1 and available is not None and available < INTERLEAVED_MEMORY_GB:
+        common.log(
+            f"{available:.1f} GB of memory available, the cases alive at once take about {INTERLEAVED_MEMORY_GB} GB: "
+            "running each case start to finish instead (--blocks 1)"
         )
-        for module, case_args in selected
-    ]
-    results = interleave(cases, args.blocks)
+        args.blocks = 1
+
+    def start(module: str, case_args: list[str]) -> Case:
+        command = [sys.executable, "-m", f"benchmarks.{module}", *case_args, *shared]
+        return Case(" ".join([module, *case_args]), command, env, args.blocks)
+
+    # One case at a time holds the CPU: each builds and warms up in turn (the others already built wait, idle).
+    if args.blocks == 1:  # one process alive at a time
+        cases, results = [], []
+        for module, case_args in selected:
+            cases.append(start(module, case_args))
+            results += interleave(cases[-1:], 1)
+    else:
+        cases = [start(module, case_args) for module, case_args in selected]
+        results = interleave(cases, args.blocks)
     total = time.perf_counter() - started
 
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

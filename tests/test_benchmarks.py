@@ -278,3 +278,35 @@ def test_a_cpu_case_pins_itself_to_its_threads(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("] [")
     last = sorted(os.sched_getaffinity(0))[-1]
     assert out == [f"[{last}", f"{last}]\n"]
+
+
+def test_run_all_falls_back_to_one_case_at_a_time_when_memory_is_short(monkeypatch, tmp_path, capsys):
+    """All cases alive at once need ~15 GB; with less available run_all starts each case only after the previous
+    one finished (blocks 1) and says why. With enough, it starts them all and interleaves 3 blocks."""
+    from benchmarks import run_all
+
+    events = []
+
+    class FakeCase:
+        failed = False
+
+        def __init__(self, name, command, env, blocks):
+            events.append(("start", name, blocks))
+
+    def interleave(cases, blocks):
+        events.append(("interleave", len(cases), blocks))
+        return []
+
+    monkeypatch.setattr(run_all, "Case", FakeCase)
+    monkeypatch.setattr(run_all, "interleave", interleave)
+    monkeypatch.setattr(common, "check_memory_probe", lambda: None)
+    monkeypatch.setattr(run_all, "available_memory_gb", lambda: 4.0)
+    output = str(tmp_path / "bench.jsonl")
+    assert run_all.main(["--only", "inference", "--output", output]) == 0
+    assert events == [("start", "inference --num-classes 1000", 1), ("interleave", 1, 1),
+                      ("start", "inference --num-classes 8142", 1), ("interleave", 1, 1)]  # fmt: skip
+    assert "4.0 GB of memory available" in capsys.readouterr().err
+    events.clear()
+    monkeypatch.setattr(run_all, "available_memory_gb", lambda: 64.0)
+    assert run_all.main(["--only", "inference", "--output", output]) == 0
+    assert [e[0] for e in events] == ["start", "start", "interleave"] and events[-1] == ("interleave", 2, 3)
