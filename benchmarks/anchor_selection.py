@@ -74,9 +74,7 @@ def main(argv=None):
 
     n = args.sentences
     ours_side, floor_side = sides(n)
-    timings = common.alternate(
-        ours_side, floor_side, device, args.repeats, args.warmup, args.max_warmup, blocks=args.blocks
-    )
+    timings = common.time_sides(args, ours_side, floor_side, device)
     ours_peak, floor_peak = common.peak_memory_mb(ours_side, device), common.peak_memory_mb(floor_side, device)
     ours_side_10n, floor_side_10n = sides(10 * n)
     ours_peak_10n = common.peak_memory_mb(ours_side_10n, device)

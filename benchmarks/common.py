@@ -45,7 +45,7 @@ MB = 2**20
 # it per case): 1.3-3.0% at 17 rounds, 2.1-4.8% at 13 in the run of 2026-11-30. Cases whose rounds take 15-28 s
 # (anchor selection, LoRA) take the LONG_ counts.
 REPEATS, QUICK_REPEATS = 17, 9
-LONG_REPEATS, QUICK_LONG_REPEATS = 13, 7
+LONG_REPEATS, QUICK_LONG_REPEATS = 13, 9
 WARMUP, MAX_WARMUP = 2, 4  # untimed rounds: at least, at most
 QUICK_WARMUP, QUICK_MAX_WARMUP = 1, 3  # --quick: one untimed round at least (it fills caches and allocator pools)
 WARMUP_TOLERANCE = 0.05  # warm-up ends once a round's ours/floor ratio is within 5% of the previous round's
@@ -54,6 +54,12 @@ WARMUP_TOLERANCE = 0.05  # warm-up ends once a round's ours/floor ratio is withi
 # side with more synchronisation points (measured: the stage-1 ratio fell 10% beside one spinning process at 2
 # threads, 1.7% at 1 thread). With one thread each side's CPU seconds are its own work.
 DEFAULT_THREADS = 1
+# On the CPU a case asks glibc malloc to keep the memory it frees (`keep_freed_memory`), as a caching allocator
+# (jemalloc, tcmalloc, or torch's own on CUDA) would: by default each large tensor is mmap'ed and unmapped again, and
+# the heap's free top is returned to the system, so every step faults its pages back in, and how many varied from
+# step to step. Measured (anchor selection, 12 rounds each, 2026-11-30): 60k-690k page faults a step (0.1-1.5 s of
+# system time in a 7 s step), and the paired ratio's MAD was 5.4%; keeping freed memory: ~0 faults after warm-up,
+# MAD 3.0%, steps ~15% faster on both sides. The LoRA ratio moved by under its noise (0.75-0.76 against 0.747).
 # On the CPU a case pins itself to `threads` CPUs (the last ones it may use; CPU 0 takes most interrupts): a thread
 # that the scheduler moves between CPUs finds its caches cold. Measured (inference C = 1000 at B = 4, 40 rounds each,
 # back to back, 2026-11-30): the per-round paired ratio's MAD was 1.9% pinned, 2.6% not.
@@ -134,11 +140,47 @@ def setup(args, repeats: int = REPEATS, quick_repeats: int = QUICK_REPEATS) -> t
     except RuntimeError:
         raise SystemExit(f"--device {args.device!r}: not a device (cpu, cuda, cuda:N or auto)") from None
     args.pinned_cpus = pin_to_cpus(args.threads) if device.type == "cpu" else None
+    if device.type == "cpu":
+        keep_freed_memory()
     log(
         f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats, "
-        f"warm-up {args.warmup}-{args.max_warmup} rounds, CPUs {args.pinned_cpus or 'not pinned'}"
+        f"warm-up {args.warmup}-{args.max_warmup} rounds, CPUs {args.pinned_cpus or 'not pinned'}, "
+        f"allocator {_allocator}"
     )
     return device
+
+
+_allocator = "default"  # what `keep_freed_memory` did; the JSON line reports it
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (glibc malloc.h)
+
+
+def keep_freed_memory() -> str:
+    """Makes glibc malloc serve every allocation from its heap (no mmap per large block: M_MMAP_MAX 0) and keep the
+    heap's free top (M_TRIM_THRESHOLD at its largest, 2 GiB), so a step reuses the pages the previous one freed
+    instead of faulting them in again (see the measurement above). Elsewhere (not Linux, not glibc) nothing changes.
+    Returns, and remembers for the JSON line, what was done. `release_free_memory` still hands freed memory back
+    between run_all's blocks, on request."""
+    global _allocator
+    libc = _glibc()
+    if libc is not None and libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1:
+        _allocator = "glibc, freed memory kept (M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB)"
+    return _allocator
+
+
+def _glibc():
+    """The C library through ctypes where it is glibc on Linux (it has malloc_trim and mallopt), else None."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None or platform.system() != "Linux":
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim, libc.mallopt  # noqa: B018 (glibc only)
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def pin_to_cpus(threads: int) -> list[int] | None:
@@ -280,9 +322,11 @@ def alternate(
     teacher sentence cache) are in place before the first timed round. Warm-up and timed rounds compare the same
     clock (`Timings.paired_ratios`).
 
-    `blocks(repeats)`, when given, yields how many timed rounds to run next, block after block, and may pause in
-    between (`coordinated_blocks`: run_all runs the other cases meanwhile); each block after the first starts with
-    one more untimed round, since the process sat idle while other work ran. Without it all rounds run in one go."""
+    `blocks(repeats)`, when given, yields how many timed rounds to run next, block after block, and may pause before
+    each (`coordinated_blocks`: run_all runs the other cases meanwhile, the first block included, and a waiting case
+    returns its freed heap to the system); so each block starts with one more untimed round, which takes the cold
+    caches and page faults of resuming (measured: LoRA's first timed round read 0.86-0.91 against 0.77 for the rest
+    when block 1 had none). Without `blocks` all rounds run in one go, straight after the warm-up."""
     clock = "cpu" if torch.device(device).type == "cpu" else "wall"
     warm = Timings([], [], [], [], clock=clock)
     previous = None
@@ -295,10 +339,10 @@ def alternate(
     t = Timings([], [], [], [], warmup_rounds=len(warm.ours), clock=clock)
     rounds = 0  # all rounds run so far, timed or not, so the order keeps alternating across blocks
     for block, size in enumerate(blocks(repeats) if blocks is not None else [repeats]):
-        if block > 0:
+        if blocks is not None:
             ratio = _round(ours, floor, device, rounds % 2 == 0, warm)
             t.warmup_rounds += 1
-            t.blocks += 1
+            t.blocks += block > 0
             rounds += 1
             log(f"block {block + 1}, untimed round: ratio {ratio:.3f} ({clock})")
         for _ in range(size):
@@ -309,6 +353,11 @@ def alternate(
                 f"({clock})"
             )
     return t
+
+
+def time_sides(args, ours: Side, floor: Side, device) -> Timings:
+    """`alternate` with a case's command-line settings (after `setup`): its rounds, warm-up and blocks."""
+    return alternate(ours, floor, device, args.repeats, args.warmup, args.max_warmup, blocks=args.blocks)
 
 
 def coordinated_blocks(repeats: int, commands=None, replies=None) -> Iterator[int]:
@@ -336,18 +385,12 @@ def release_free_memory() -> None:
     """Hands the heap memory this process freed back to the system (glibc `malloc_trim`; elsewhere nothing), so the
     cases waiting idle between their blocks hold their live tensors only: with all six alive, their resident memory
     summed to ~17 GB without it. The next block's untimed first round takes the page faults of growing back."""
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if name is None or platform.system() != "Linux":
-        return
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 # --- memory
@@ -476,6 +519,7 @@ def emit(
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,  # pinned (setup)
+        "allocator": _allocator,
     }
     print(json.dumps(result), flush=True)
     return result

@@ -51,9 +51,7 @@ def main(argv=None):
         return model.clip.get_image_features(pixel_values=pixels).pooler_output
 
     ours_side, floor_side = common.Side(ours), common.Side(floor)
-    timings = common.alternate(
-        ours_side, floor_side, device, args.repeats, args.warmup, args.max_warmup, blocks=args.blocks
-    )
+    timings = common.time_sides(args, ours_side, floor_side, device)
     ours_peak = common.peak_memory_mb(ours_side, device)
     floor_peak = common.peak_memory_mb(floor_side, device)
 

@@ -3,7 +3,7 @@ the total wall time) on stderr; the lines are also written to `bench_output/benc
 builds and warms up, then their timed rounds run in blocks spread over the whole run (see BLOCKS).
 
     python -m benchmarks.run_all            # or: make bench
-    python -m benchmarks.run_all --quick    # 9 timed rounds instead of 17 (7 / 13 in the long cases), warm-up 1-3 rounds instead of 2-4
+    python -m benchmarks.run_all --quick    # 9 timed rounds instead of 17 (9 / 13 in the long cases), warm-up 1-3 rounds instead of 2-4
     python -m benchmarks.run_all --device cuda --only inference
 """
 

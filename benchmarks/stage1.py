@@ -92,9 +92,7 @@ def main(argv=None):
         model.zero_grad(set_to_none=True)  # the optimizer's zero_grad: the step allocates the gradients
 
     ours_side, floor_side = common.Side(ours, reset), common.Side(floor, reset)
-    timings = common.alternate(
-        ours_side, floor_side, device, args.repeats, args.warmup, args.max_warmup, blocks=args.blocks
-    )
+    timings = common.time_sides(args, ours_side, floor_side, device)
     # what the distillation teacher alone costs per step (image tower forward, cached sentences): the floor plus this
     # is the least any implementation of L_dis can take
     teacher_times = [

@@ -66,9 +66,7 @@ def main(argv=None):
 
     ours_side = common.Side(ours, reset_ours)
     floor_side = common.Side(floor, lambda: classifier.zero_grad(set_to_none=True))
-    timings = common.alternate(
-        ours_side, floor_side, device, args.repeats, args.warmup, args.max_warmup, blocks=args.blocks
-    )
+    timings = common.time_sides(args, ours_side, floor_side, device)
     ours_peak = common.peak_memory_mb(ours_side, device)
     floor_peak = common.peak_memory_mb(floor_side, device)
 

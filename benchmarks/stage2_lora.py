@@ -67,7 +67,7 @@ def main(argv=None):
         return common.Side(step, lambda: trainer.optimizer.zero_grad(set_to_none=True))
 
     ours, floor = side(lora), side(full)
-    timings = common.alternate(ours, floor, device, args.repeats, args.warmup, args.max_warmup, blocks=args.blocks)
+    timings = common.time_sides(args, ours, floor, device)
     ours_step, floor_step = common.peak_memory_mb(ours, device), common.peak_memory_mb(floor, device)
     ours_state, floor_state = _optimizer_state_mb(lora), _optimizer_state_mb(full)
     lora_trainable, total = count_parameters(lora.model)

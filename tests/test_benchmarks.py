@@ -55,7 +55,8 @@ def test_on_the_cpu_warm_up_and_headline_use_the_cpu_clock(monkeypatch):
     assert t.clock == "cpu" and t.paired_ratios == [2.0, 2.0, 2.0, 2.0] and t.ratio == 2.0
 
 
-def test_quick_shortens_rounds_and_warm_up_and_one_thread_is_the_default():
+def test_quick_shortens_rounds_and_warm_up_and_one_thread_is_the_default(monkeypatch):
+    monkeypatch.setattr(common, "keep_freed_memory", lambda: "default")  # this process's malloc stays as it is
     threads = torch.get_num_threads()
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
@@ -194,17 +195,19 @@ def test_bad_flags_stop_with_one_line_before_any_model_is_built(capsys):
         torch.set_num_threads(threads)
 
 
-def test_rounds_in_blocks_keep_alternating_and_each_later_block_starts_untimed(monkeypatch):
-    """alternate(..., blocks=...) runs the timed rounds block by block (run_all interleaves the cases that way); a
-    block after the first starts with one untimed round, and the order keeps flipping across blocks."""
+def test_rounds_in_blocks_keep_alternating_and_each_block_starts_untimed(monkeypatch):
+    """alternate(..., blocks=...) runs the timed rounds block by block (run_all interleaves the cases that way); every
+    block, the first included, starts with one untimed round (the case may have sat idle before it), and the order
+    keeps flipping across blocks."""
     warm = [("ours", 2.0), ("floor", 1.0), ("floor", 1.0), ("ours", 2.0)]  # settles after 2 rounds
-    block1 = [("ours", 2.0), ("floor", 1.0), ("floor", 1.0), ("ours", 2.2)]
-    rewarm = [("ours", 9.0), ("floor", 1.0)]  # a cold round after the pause: not timed
-    block2 = [("floor", 1.0), ("ours", 1.8)]
-    ours, floor = _scripted(monkeypatch, warm + block1 + rewarm + block2)
+    rewarm1 = [("ours", 7.0), ("floor", 1.0)]  # a cold round after the wait for block 1: not timed
+    block1 = [("floor", 1.0), ("ours", 2.0), ("ours", 2.2), ("floor", 1.0)]
+    rewarm2 = [("floor", 1.0), ("ours", 9.0)]  # a cold round after the pause: not timed
+    block2 = [("ours", 1.8), ("floor", 1.0)]
+    ours, floor = _scripted(monkeypatch, warm + rewarm1 + block1 + rewarm2 + block2)
     t = common.alternate(ours, floor, torch.device("cpu"), repeats=3, warmup=2, blocks=lambda repeats: iter([2, 1]))
     assert t.ours == [2.0, 2.2, 1.8] and t.floor == [1.0, 1.0, 1.0]
-    assert t.warmup_rounds == 3 and t.blocks == 2
+    assert t.warmup_rounds == 4 and t.blocks == 2
 
 
 def test_coordinated_case_reports_ready_runs_what_it_is_sent_and_rejects_other_commands(monkeypatch):
@@ -213,9 +216,9 @@ def test_coordinated_case_reports_ready_runs_what_it_is_sent_and_rejects_other_c
 
     import pytest
 
-    # warm-up 2 rounds, block 1: 2, an untimed round, block 2: 1; the order flips every round
+    # warm-up 2 rounds, an untimed round, block 1: 2, an untimed round, block 2: 1; the order flips every round
     pair = [("ours", 2.0), ("floor", 1.0)]
-    ours, floor = _scripted(monkeypatch, (pair + pair[::-1]) * 3)
+    ours, floor = _scripted(monkeypatch, (pair + pair[::-1]) * 4)
     replies = io.StringIO()
     blocks = functools.partial(
         common.coordinated_blocks, commands=io.StringIO("run 2\nrun 1\nfinish\n"), replies=replies
@@ -244,7 +247,8 @@ common.emit(name, t, 2.0, 1.0, 1.0, 2.0, batch=1, note="", device=device)
 
 def test_run_all_interleaves_the_cases_in_blocks(tmp_path):
     """Two tiny cases in their own processes, 5 rounds each in 3 blocks: their timed steps take turns block by
-    block (A's warm-up, B's warm-up, A 2 rounds, B 2, A untimed + 2, B untimed + 2, A untimed + 1, B untimed + 1),
+    block (A's warm-up, B's warm-up, A untimed + 2 rounds, B untimed + 2, A untimed + 2, B untimed + 2, A untimed + 1,
+    B untimed + 1),
     and each prints its result line when finished. A case that dies is reported as failed, the others go on."""
     from benchmarks import run_all
 
@@ -257,8 +261,8 @@ def test_run_all_interleaves_the_cases_in_blocks(tmp_path):
     results = run_all.interleave([cases[0], broken, cases[1]], 3)
     assert [r["case"] for r in results] == ["A", "B"] and [r["repeats"] for r in results] == [5, 5]
     assert [r["blocks"] for r in results] == [3, 3]
-    # each round is two steps; warm-up 1 round; blocks 2, 2, 1 rounds, the later ones after one untimed round
-    expected = "AA" + "BB" + "AAAA" + "BBBB" + "AAAAAA" + "BBBBBB" + "AAAA" + "BBBB"
+    # each round is two steps; warm-up 1 round; blocks 2, 2, 1 rounds, each after one untimed round
+    expected = "AA" + "BB" + "AAAAAA" + "BBBBBB" + "AAAAAA" + "BBBBBB" + "AAAA" + "BBBB"
     assert log.read_text() == expected
     assert run_all.split(17, 3) == [6, 6, 5] and run_all.split(2, 3) == [1, 1]
 
@@ -310,3 +314,40 @@ def test_run_all_falls_back_to_one_case_at_a_time_when_memory_is_short(monkeypat
     monkeypatch.setattr(run_all, "available_memory_gb", lambda: 64.0)
     assert run_all.main(["--only", "inference", "--output", output]) == 0
     assert [e[0] for e in events] == ["start", "start", "interleave"] and events[-1] == ("interleave", 2, 3)
+
+
+_FAULTS = """
+import resource, sys, torch
+from benchmarks import common
+if sys.argv[1] == "keep":
+    print(common.keep_freed_memory(), file=sys.stderr)
+def faults_of_a_step():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(16 * 2**20)  # 64 MiB, written: each page is faulted in unless the memory was reused
+    y = x * 2  # and another
+    del x, y
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_step()  # the first step faults its pages in either way
+print(min(faults_of_a_step() for _ in range(3)))
+"""
+
+
+def test_a_cpu_case_keeps_freed_memory_so_steps_do_not_fault_it_back_in():
+    """keep_freed_memory (called by setup on the CPU): a step that allocates what the previous one freed reuses the
+    pages. By default glibc unmaps large blocks on free, so each step faults its 128 MiB (32k pages) in again."""
+    import platform
+
+    import pytest
+
+    if platform.system() != "Linux":
+        pytest.skip("glibc malloc")
+
+    def faults(mode):
+        run = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+        return int(run.stdout), run.stderr
+
+    default, _ = faults("default")
+    kept, said = faults("keep")
+    if "freed memory kept" not in said:
+        pytest.skip(f"not glibc: {said.strip()}")
+    assert default > 20_000 and kept < 2_000, (default, kept)
