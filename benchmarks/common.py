@@ -59,7 +59,7 @@ DEFAULT_THREADS = 1
 # the heap's free top is returned to the system, so every step faults its pages back in, and how many varied from
 # step to step. Measured (anchor selection, 12 rounds each, 2026-11-30): 60k-690k page faults a step (0.1-1.5 s of
 # system time in a 7 s step), and the paired ratio's MAD was 5.4%; keeping freed memory: ~0 faults after warm-up,
-# MAD 3.0%, steps ~15% faster on both sides. The LoRA ratio moved by under its noise (0.75-0.76 against 0.747).
+# MAD 3.0%, steps ~15% faster on both sides. The LoRA ratio moved by under its noise (median 0.76 of 4 rounds, 0.747 before).
 # On the CPU a case pins itself to `threads` CPUs (the last ones it may use; CPU 0 takes most interrupts): a thread
 # that the scheduler moves between CPUs finds its caches cold. Measured (inference C = 1000 at B = 4, 40 rounds each,
 # back to back, 2026-11-30): the per-round paired ratio's MAD was 1.9% pinned, 2.6% not.
@@ -339,10 +339,10 @@ def alternate(
     t = Timings([], [], [], [], warmup_rounds=len(warm.ours), clock=clock)
     rounds = 0  # all rounds run so far, timed or not, so the order keeps alternating across blocks
     for block, size in enumerate(blocks(repeats) if blocks is not None else [repeats]):
+        t.blocks = block + 1
         if blocks is not None:
             ratio = _round(ours, floor, device, rounds % 2 == 0, warm)
             t.warmup_rounds += 1
-            t.blocks += block > 0
             rounds += 1
             log(f"block {block + 1}, untimed round: ratio {ratio:.3f} ({clock})")
         for _ in range(size):
