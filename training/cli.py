@@ -4,6 +4,7 @@ overrides), one-line errors, the output-folder guard, and recording a finished r
 import errno
 import fcntl
 import json
+import math
 import os
 import sys
 import tempfile
@@ -70,9 +71,39 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
         argv = _json_to_argv(argv[0]) + argv[1:]
     parser = _Parser(dataclass_types)
     try:
-        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        check_argument_values(parsed)
     except ValueError as e:
         raise UsageError(f"{e}{source}") from None
+    return parsed
+
+
+# Numeric flags of the scripts (ours and TrainingArguments') and the least value that means anything; `None` stays
+# allowed where a field defaults to it. A batch of 0 images or 0 anchors per class would otherwise fail deep inside
+# a DataLoader or an allocation, and a negative learning rate would silently train uphill.
+AT_LEAST_ONE = (
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+    "num_anchor_sentences", "text_batch_size", "max_images_per_class", "explain_top_k", "batch_size", "knn_k",
+)  # fmt: skip
+AT_LEAST_ZERO = (
+    "learning_rate", "attention_learning_rate", "adapter_learning_rate", "linear_learning_rate", "weight_decay",
+    "num_train_epochs", "linear_epochs", "lift_epochs", "standin_epochs", "warmup_steps", "max_grad_norm",
+    "dataloader_num_workers", "explain", "report_worst", "logit_adjustment", "logit_adjustment_tau",
+)  # fmt: skip
+
+
+def check_argument_values(parsed) -> None:
+    """Refuses a NaN or infinite number in any flag, and a value below the least meaningful one in the flags above,
+    naming the flag (a ValueError that `parse_args` turns into one line)."""
+    for arguments in parsed:
+        for name, value in vars(arguments).items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if not math.isfinite(value):
+                raise ValueError(f"--{name} must be a finite number, got {value}.")
+            least = 1 if name in AT_LEAST_ONE else 0 if name in AT_LEAST_ZERO else None
+            if least is not None and value < least:
+                raise ValueError(f"--{name} must be >= {least}, got {value}.")
 
 
 class _Parser(HfArgumentParser):
@@ -202,6 +233,17 @@ def prepare_output_dir(training_args, script: str) -> str | None:
     elif resume is not None:
         if not Path(resume).is_dir():
             raise UsageError(f"--resume_from_checkpoint {resume}: no such checkpoint folder.")
+        if not (Path(resume) / "trainer_state.json").exists() and not Path(resume).name.startswith("checkpoint-"):
+            inside = last_complete_checkpoint(resume)
+            hint = (
+                f"the newest checkpoint in it is {inside}"
+                if inside
+                else "to start from the weights it holds, pass it as --model_name_or_path instead"
+            )
+            raise UsageError(
+                f"--resume_from_checkpoint {resume}: not a Trainer checkpoint (no trainer_state.json); it takes a "
+                f"checkpoint-N folder written by an earlier run: {hint}."
+            )
         if not checkpoint_is_complete(resume):
             raise UsageError(
                 f"--resume_from_checkpoint {resume}: the checkpoint is incomplete (the run was stopped while saving "

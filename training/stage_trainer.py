@@ -12,6 +12,7 @@ from transformers.utils import logging
 from .adapters import ADAPTER_DIR, AdapterError, has_adapters, load_adapter_for_resume, merged_state_dict, save_adapter
 from .data import LongTailSampler
 from .interrupt import StopOnSignal, TrainingInterrupted
+from .io_utils import DataError
 
 logger = logging.get_logger(__name__)
 
@@ -51,6 +52,7 @@ class StageTrainer(Trainer):
     def train(self, *args, **kwargs):
         """`Trainer.train`; SIGINT or SIGTERM stops it after the current step with a checkpoint saved, and raises
         `TrainingInterrupted` saying how to resume (the previous signal handlers are restored either way)."""
+        self._check_one_batch_fits()
         stop = StopOnSignal()
         self.add_callback(stop)
         stop.install()
@@ -67,6 +69,21 @@ class StageTrainer(Trainer):
                 f"{self.args.output_dir}: run the same command with --resume_from_checkpoint last to continue.",
             )
         return result
+
+    def _check_one_batch_fits(self) -> None:
+        """With the last incomplete batch dropped (the reference), a batch larger than the training split leaves
+        an epoch of no step: the Trainer would fail on an unrelated message, or never finish with --max_steps."""
+        if self.train_dataset is None or not self.args.dataloader_drop_last:
+            return
+        images = len(self.train_dataset)
+        batch = self.args.per_device_train_batch_size * max(self.args.world_size, 1)
+        if images < batch:
+            processes = f" × {self.args.world_size} processes" if self.args.world_size > 1 else ""
+            raise DataError(
+                f"The training split has {images} images, fewer than one batch of {batch} (--per_device_train_"
+                f"batch_size {self.args.per_device_train_batch_size}{processes}), and the last incomplete batch is "
+                f"dropped (--dataloader_drop_last): lower the batch size or pass --dataloader_drop_last False."
+            )
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
