@@ -123,6 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError(f"--knn must be a number of neighbours >= 1, got {eval_args.knn}.")
     model_class = VLLTRModel if eval_args.knn is not None else VLLTRForImageClassification
     model = load_checked("--model_name_or_path", model_class.from_pretrained, model_args.model_name_or_path, **hub)
+    if eval_args.knn is None and model.config.head_type == "lgr" and not bool(model.anchor_mask.any()):
+        raise UsageError(
+            f"--model_name_or_path {model_args.model_name_or_path} has no anchor sentences (a stage-1 checkpoint?): "
+            f"run python -m training.run_select_anchors on it first, or evaluate it with --knn 5."
+        )
     if eval_args.explain and (eval_args.knn is not None or model.config.head_type != "lgr"):
         raise UsageError(
             "--explain needs a checkpoint with the LGR head: the FC and KNN heads have no anchor sentences."

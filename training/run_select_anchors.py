@@ -98,7 +98,10 @@ class AnchorArguments:
             "choices": list(SELECTION_IMAGES),
         },
     )
-    num_anchor_sentences: int = field(default=64, metadata={"help": "M, anchors kept per class (reference 64)."})
+    num_anchor_sentences: int = field(
+        default=64,
+        metadata={"help": "M, anchors kept per class (reference 64); lowered to the most sentences any class has."},
+    )
     anchor_selection: str = field(
         default="anss",
         metadata={
@@ -195,6 +198,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--model_name_or_path", AutoTokenizer.from_pretrained, model_args.model_name_or_path, **hub
     )
     corpus, tokens = load_corpus(corpus_args, class_names, tokenizer, config.clip_config.text_config)
+    most = int(torch.bincount(torch.as_tensor(corpus.labels), minlength=num_classes).max())
+    if chosen is None and anchor_args.num_anchor_sentences > most:
+        # Slots past a class's last sentence are masked out of the LGR attention, so M beyond the fullest class
+        # only costs memory (C × M anchor rows): keep M = the most sentences any class has; the head is the same.
+        logger.warning(
+            f"--num_anchor_sentences {anchor_args.num_anchor_sentences} is more than any class has sentences "
+            f"(at most {most}): keeping {most} anchors per class."
+        )
+        anchor_args.num_anchor_sentences = most
     image_size = config.clip_config.vision_config.image_size
     image_processor = eval_image_processor(image_size)
     if anchor_args.selection_images == "train":  # the reference iNaturalist selection: sampled, augmented draws
