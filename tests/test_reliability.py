@@ -515,3 +515,84 @@ def test_image_behind_a_symlink_loop_is_named_with_its_line(data, tmp_path, tiny
     code, err = run("run_cvlp", stage1_args(data, tmp_path / "out", tiny_clip_dir), capfd)
     line = error_line(err, "run_cvlp")
     assert code == 2 and f"{data['train']}:{rows}: cannot read image" in line and "symbolic links" in line, line
+
+
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [
+        ("run_cvlp", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1, got 0."),
+        ("run_cvlp", ["--learning_rate", "nan"], "--learning_rate must be a finite number, got nan."),
+        ("run_cvlp", ["--learning_rate=-1e-3"], "--learning_rate must be >= 0, got -0.001."),
+        ("run_cvlp", ["--num_train_epochs", "inf"], "--num_train_epochs must be a finite number, got inf."),
+        ("run_select_anchors", ["--num_anchor_sentences", "0"], "--num_anchor_sentences must be >= 1, got 0."),
+    ],
+)
+def test_numeric_flags_out_of_range_are_named(script, flags, message, data, tmp_path, tiny_clip_dir, capfd):
+    """A batch of 0 failed inside the DataLoader, M = 0 inside the anchor selection and a NaN learning rate inside
+    the optimizer, each with a traceback; a negative learning rate trained uphill without a word."""
+    argv = stage1_args(data, tmp_path / "out", tiny_clip_dir, *flags)
+    if script == "run_select_anchors":
+        argv[argv.index("--train_file")] = "--selection_file"
+    code, err = run(script, argv, capfd)
+    assert code == 2 and message in error_line(err, script), err[-2000:]
+    assert_stopped_before_training(tmp_path / "out")
+
+
+def test_a_batch_larger_than_the_training_split(data, tmp_path, tiny_clip_dir, capfd):
+    """With the last incomplete batch dropped (the reference), no step would run: the Trainer failed on an
+    unrelated message about max_steps."""
+    images = len(open(data["train"]).read().splitlines())
+    argv = stage1_args(data, tmp_path / "out", tiny_clip_dir, "--per_device_train_batch_size", "512")
+    argv.remove("--max_steps"), argv.remove("1")
+    code, err = run("run_cvlp", argv, capfd)
+    line = error_line(err, "run_cvlp")
+    assert code == 2 and f"The training split has {images} images, fewer than one batch of 512" in line, line
+    assert "--dataloader_drop_last False" in line
+    assert_stopped_before_training(tmp_path / "out")
+    code, err = run("run_cvlp", [*argv, "--dataloader_drop_last", "False", "--overwrite_output_dir"], capfd)
+    assert code == 0, err[-2000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_more_anchors_than_any_class_has_sentences(data, tmp_path, tiny_clip_dir, capfd, caplog):
+    """M far beyond the fullest class allocated C × M anchor rows (400 GB for M = 100000): M is lowered to the most
+    sentences a class has (its descriptions and the prompt templates), which gives the same head, since the slots
+    past a class's sentences are masked out."""
+    from modeling_vlltr import VLLTRForImageClassification
+
+    def select(m):
+        argv = stage1_args(data, tmp_path / f"m{m}", tiny_clip_dir, "--num_anchor_sentences", str(m))
+        argv[argv.index("--train_file")] = "--selection_file"
+        code, err = run("run_select_anchors", argv, capfd)
+        assert code == 0, err[-2000:]
+        return VLLTRForImageClassification.from_pretrained(tmp_path / f"m{m}")
+
+    huge = select(100_000)
+    most = huge.config.num_anchor_sentences
+    assert most < 100_000 and bool(huge.anchor_mask[:, -1].any())  # the fullest class fills every slot
+    assert f"--num_anchor_sentences 100000 is more than any class has sentences (at most {most})" in caplog.text
+    exact = select(most)
+    assert torch.equal(exact.anchor_mask, huge.anchor_mask)
+    assert torch.equal(exact.anchor_text_embeds, huge.anchor_text_embeds)
+
+
+def test_run_eval_on_a_checkpoint_without_anchors(data, tmp_path, tiny_clip_dir, capfd):
+    """A stage-1 checkpoint (class names, no anchors) handed to run_eval failed in the forward pass."""
+    from modeling_vlltr import VLLTRConfig, VLLTRForImageClassification
+
+    config = VLLTRConfig.from_pretrained(tiny_clip_dir, id2label=dict(enumerate(CLASS_NAMES)))
+    VLLTRForImageClassification(config).save_pretrained(tmp_path / "stage1")
+    argv = ["--model_name_or_path", str(tmp_path / "stage1"), "--test_file", data["test"], "--train_file",
+            data["train"], "--image_root", data["root"], "--output_dir", str(tmp_path / "eval"), *FAST]  # fmt: skip
+    code, err = run("run_eval", argv, capfd)
+    line = error_line(err, "run_eval")
+    assert code == 2 and "has no anchor sentences (a stage-1 checkpoint?)" in line and "--knn 5" in line, line
+
+
+def test_resume_from_a_saved_model_instead_of_a_checkpoint(data, tmp_path, tiny_clip_dir, capfd):
+    """A final model folder (no trainer_state.json) was called 'stopped while saving'; the fix is another flag."""
+    argv = stage1_args(data, tmp_path / "out", tiny_clip_dir, "--resume_from_checkpoint", tiny_clip_dir)
+    code, err = run("run_cvlp", argv, capfd)
+    line = error_line(err, "run_cvlp")
+    assert code == 2 and "not a Trainer checkpoint (no trainer_state.json)" in line, line
+    assert "pass it as --model_name_or_path" in line
