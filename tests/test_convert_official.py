@@ -464,6 +464,31 @@ def test_a_pickle_with_a_disallowed_global_is_refused(clip_dir, tmp_path, capsys
     assert not any(out.iterdir())
 
 
+@pytest.mark.parametrize(
+    "content", [b"hello\n", b"<html><body>404 Not Found</body></html>\n", b"\x80\x02}q\x00(X\x01"]
+)
+def test_a_file_that_is_not_a_checkpoint_is_named(content, clip_dir, tmp_path, capsys):
+    """A text or HTML page saved under the checkpoint's name (a failed download) failed inside the unpickler with a
+    KeyError or an EOFError traceback, depending on its first bytes."""
+    path = tmp_path / "checkpoint.pth"
+    path.write_bytes(content)
+    out = tmp_path / "out"
+    code, _, err = convert(["--checkpoint", str(path), "--clip", clip_dir, "--output_dir", str(out)], capsys)
+    (line,) = [line for line in err.splitlines() if line.startswith("convert_official: error:")]
+    assert code == 2 and f"{path}: not a" in line and "PyTorch checkpoint" in line, err[-2000:]
+    assert "Traceback" not in err and not (out.exists() and any(out.iterdir()))
+
+
+def test_an_empty_file_or_a_folder_as_the_checkpoint(clip_dir, tmp_path, capsys):
+    empty = tmp_path / "checkpoint.pth"
+    empty.touch()
+    for given, message in ((empty, "the file is empty"), (tmp_path, "is a folder: pass the release zip")):
+        argv = ["--checkpoint", str(given), "--clip", clip_dir, "--output_dir", str(tmp_path / "out")]
+        code, _, err = convert(argv, capsys)
+        (line,) = [line for line in err.splitlines() if line.startswith("convert_official: error:")]
+        assert code == 2 and f"{given}: {message}" in line, line
+
+
 def test_an_unknown_tensor_is_refused_by_name(clip_dir, tmp_path, capsys):
     state = official_lgr().state_dict()
     state["text_block.fc.weight"] = torch.zeros(1, 2 * EMBED)  # the official 'concat' head, not a released model

@@ -52,6 +52,7 @@ import math
 import os
 import pickle
 import re
+import struct
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -116,6 +117,13 @@ def _is_torch_archive(names: list[str]) -> bool:
 
 
 def _safe_torch_load(path: str | os.PathLike, shown: str):
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save: a zip, or a pickle (protocol >= 2)
+        raise ConversionError(
+            f"{shown}: not a PyTorch checkpoint (it starts with {head[:24]!r}): is it an error page or a text file "
+            f"saved under the checkpoint's name? Download it again."
+        )
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -127,9 +135,16 @@ def _safe_torch_load(path: str | os.PathLike, shown: str):
             f"{shown}: refused to unpickle {what}: the file holds something other than tensors, plain containers and "
             f"the allow-listed {allowed} that official VL-LTR checkpoints hold, so it is not loaded."
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConversionError(f"{shown}: not a readable PyTorch checkpoint ({first}).") from None
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, TypeError, AttributeError,
+            struct.error) as e:  # fmt: skip
+        if isinstance(e, RuntimeError | EOFError | OSError):
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConversionError(f"{shown}: not a readable PyTorch checkpoint ({first}).") from None
+        # A damaged pickle (cut short, or garbage after a valid start) fails anywhere in the unpickler.
+        raise ConversionError(
+            f"{shown}: not a readable PyTorch checkpoint (the unpickler failed on it with {type(e).__name__}): the "
+            f"file is damaged or cut short; download it again."
+        ) from None
 
 
 def load_official_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
@@ -138,8 +153,12 @@ def load_official_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     Returns `(state_dict, info)`: the model's tensors and `info` with the saved `args` (a dict, or None), the
     `epoch`, the top-level entries dropped, the file actually read and its SHA-256."""
     path = Path(path)
+    if path.is_dir():
+        raise ConversionError(f"{path}: is a folder: pass the release zip or the checkpoint.pth in it.")
     if not path.is_file():
         raise ConversionError(f"{path}: no such file.")
+    if path.stat().st_size == 0:
+        raise ConversionError(f"{path}: the file is empty (an interrupted download?): download it again.")
     digest = hashlib.sha256()  # of the file given (the release zip as downloaded), to identify it in the model card
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
