@@ -525,6 +525,7 @@ def test_image_behind_a_symlink_loop_is_named_with_its_line(data, tmp_path, tiny
         ("run_cvlp", ["--learning_rate=-1e-3"], "--learning_rate must be >= 0, got -0.001."),
         ("run_cvlp", ["--num_train_epochs", "inf"], "--num_train_epochs must be a finite number, got inf."),
         ("run_select_anchors", ["--num_anchor_sentences", "0"], "--num_anchor_sentences must be >= 1, got 0."),
+        ("run_cvlp", ["--seed=-1"], "--seed must lie in [0, 2**32 - 1] (NumPy's seed range), got -1."),
     ],
 )
 def test_numeric_flags_out_of_range_are_named(script, flags, message, data, tmp_path, tiny_clip_dir, capfd):
@@ -596,3 +597,29 @@ def test_resume_from_a_saved_model_instead_of_a_checkpoint(data, tmp_path, tiny_
     line = error_line(err, "run_cvlp")
     assert code == 2 and "not a Trainer checkpoint (no trainer_state.json)" in line, line
     assert "pass it as --model_name_or_path" in line
+
+
+def test_image_root_that_is_missing_or_a_file(data, tmp_path, tiny_clip_dir, capfd):
+    """Every image of the split was reported missing one by one (or as 'Not a directory'), naming the first line
+    instead of the flag at fault."""
+    for root, problem in ((tmp_path / "nowhere", "no such folder"), (data["train"], "is a file, not a folder")):
+        argv = stage1_args(data, tmp_path / "out", tiny_clip_dir, "--image_root", str(root))
+        code, err = run("run_cvlp", argv, capfd)
+        line = error_line(err, "run_cvlp")
+        assert code == 2 and f"--image_root {root}: {problem}" in line and data["train"] in line, line
+        assert_stopped_before_training(tmp_path / "out")
+
+
+def test_shot_thresholds_the_wrong_way_round_stop_before_predicting(data, tmp_path, capfd):
+    from conftest import make_classifier
+
+    model = make_classifier(num_labels=len(CLASS_NAMES), num_anchors=3)
+    model.config.id2label = dict(enumerate(CLASS_NAMES))
+    model.save_pretrained(tmp_path / "anchors")
+    argv = ["--model_name_or_path", str(tmp_path / "anchors"), "--test_file", data["test"], "--train_file",
+            data["train"], "--image_root", data["root"], "--output_dir", str(tmp_path / "eval"),
+            "--many_shot_threshold", "5", "--few_shot_threshold", "50", *FAST]  # fmt: skip
+    code, err = run("run_eval", argv, capfd)
+    line = error_line(err, "run_eval")
+    assert code == 2 and "--few_shot_threshold 50 must be <= --many_shot_threshold 5." in line, line
+    assert "Evaluating" not in err and not (tmp_path / "eval" / "metrics.json").exists()

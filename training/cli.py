@@ -1,6 +1,7 @@
 """Plumbing shared by the `run_*` scripts: argument parsing (a `.json` file of arguments, then command-line
 overrides), one-line errors, the output-folder guard, and recording a finished run (history, model card, Hub)."""
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -101,6 +102,8 @@ def check_argument_values(parsed) -> None:
                 continue
             if not math.isfinite(value):
                 raise ValueError(f"--{name} must be a finite number, got {value}.")
+            if name in ("seed", "data_seed", "first_seed") and not 0 <= value < 2**32:
+                raise ValueError(f"--{name} must lie in [0, 2**32 - 1] (NumPy's seed range), got {value}.")
             least = 1 if name in AT_LEAST_ONE else 0 if name in AT_LEAST_ZERO else None
             if least is not None and value < least:
                 raise ValueError(f"--{name} must be >= {least}, got {value}.")
@@ -160,6 +163,16 @@ def _leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def shot_thresholds(base, many: int | None, few: int | None):
+    """`base` (a `ShotThresholds`) with --many_shot_threshold / --few_shot_threshold put in where given, checked
+    before any work: the few-shot bound cannot lie above the many-shot one."""
+    many = base.many if many is None else many
+    few = base.few if few is None else few
+    if few > many:
+        raise UsageError(f"--few_shot_threshold {few} must be <= --many_shot_threshold {many}.")
+    return dataclasses.replace(base, many=many, few=few)
 
 
 def setup_logging(training_args) -> None:

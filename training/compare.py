@@ -42,7 +42,7 @@ from modeling_vlltr import VLLTRModel
 
 from . import run_cvlp, run_eval, run_lgr, run_lift, run_select_anchors
 from .arguments import CorpusArguments, DataArguments
-from .cli import UsageError, load_checked, parse_args, run_main
+from .cli import UsageError, load_checked, parse_args, run_main, shot_thresholds
 from .corpus import load_corpus
 from .data import ProcessorTransform, eval_image_processor
 from .embedding import embed_images, embed_texts
@@ -542,9 +542,8 @@ def build_context(args: CompareArguments, data_args: DataArguments, corpus_args:
         note = (f"Data: the demo's long-tailed digits (imbalance {demo.IMBALANCE}), stand-in CLIP; shortened "
                 f"schedules (stage 1 {args.stage1_epochs:g} epochs, stage 2 {args.stage2_epochs:g}, linear probe "
                 f"{args.linear_epochs:g}), not the paper's.")  # fmt: skip
-    thresholds = ShotThresholds(
-        many=args.many_shot_threshold if args.many_shot_threshold is not None else defaults.many,
-        few=args.few_shot_threshold if args.few_shot_threshold is not None else defaults.few,
+    thresholds = shot_thresholds(
+        ShotThresholds(defaults.many, defaults.few), args.many_shot_threshold, args.few_shot_threshold
     )
     train = load_labelled_split(data_args, data_args.train_file, data_args.train_split, "training split")
     if train is None:

@@ -42,6 +42,7 @@ from .cli import (
     record_run,
     run_main,
     setup_logging,
+    shot_thresholds,
 )
 from .data import ProcessorTransform, eval_image_processor
 from .embedding import embed_images, predict_logits
@@ -121,6 +122,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError("--push_to_hub publishes the evaluated checkpoint folder: give a local --model_name_or_path.")
     if eval_args.knn is not None and eval_args.knn < 1:
         raise UsageError(f"--knn must be a number of neighbours >= 1, got {eval_args.knn}.")
+    thresholds = shot_thresholds(
+        ShotThresholds.from_name(eval_args.shot_thresholds),
+        eval_args.many_shot_threshold,
+        eval_args.few_shot_threshold,
+    )
     model_class = VLLTRModel if eval_args.knn is not None else VLLTRForImageClassification
     model = load_checked("--model_name_or_path", model_class.from_pretrained, model_args.model_name_or_path, **hub)
     if eval_args.knn is None and model.config.head_type == "lgr" and not bool(model.anchor_mask.any()):
@@ -172,12 +178,6 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         predict = predict_logits if eval_args.tta == "none" else predict_logits_tta
         out = predict(model, dataset, args.per_device_eval_batch_size, args.dataloader_num_workers, desc="Evaluating")
-    base = ShotThresholds.from_name(eval_args.shot_thresholds)
-    thresholds = ShotThresholds(
-        many=eval_args.many_shot_threshold if eval_args.many_shot_threshold is not None else base.many,
-        few=eval_args.few_shot_threshold if eval_args.few_shot_threshold is not None else base.few,
-        inclusive=base.inclusive,
-    )
     shot_logits = None
     if eval_args.shot_logits == "sum" and out["text_logits"] is not None:
         shot_logits = out["image_logits"] + out["text_logits"]

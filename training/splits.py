@@ -306,6 +306,9 @@ def _read_source(data_args: DataArguments, split_file: str | None, hf_split: str
     when neither a split file nor a 🤗 dataset split is given."""
     if split_file:
         root = data_args.image_root if data_args.image_root is not None else os.path.dirname(split_file)
+        if data_args.image_root is not None and not os.path.isdir(root):
+            problem = "is a file, not a folder" if os.path.exists(root) else "no such folder"
+            raise DataError(f"--image_root {root}: {problem} (the folder the paths in {split_file} are relative to).")
         if str(split_file).endswith(".json"):
             samples, names = read_inat_json(split_file, root)
             return samples, names, str(split_file)
