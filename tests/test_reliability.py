@@ -623,3 +623,21 @@ def test_shot_thresholds_the_wrong_way_round_stop_before_predicting(data, tmp_pa
     line = error_line(err, "run_eval")
     assert code == 2 and "--few_shot_threshold 50 must be <= --many_shot_threshold 5." in line, line
     assert "Evaluating" not in err and not (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_output_dir_that_is_the_input_checkpoint_is_refused_even_with_overwrite(data, tmp_path, tiny_clip_dir, capfd):
+    """--overwrite_output_dir, which the 'already holds a run' message suggests, replaced the checkpoint the run
+    started from."""
+    import shutil
+
+    start = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, start)
+    before = (start / "model.safetensors").read_bytes()
+    for output in (str(start), f"{start}/", str(tmp_path / "link")):
+        if output.endswith("link"):
+            (tmp_path / "link").symlink_to(start)
+        argv = stage1_args(data, output, str(start), "--overwrite_output_dir")
+        code, err = run("run_cvlp", argv, capfd)
+        line = error_line(err, "run_cvlp")
+        assert code == 2 and f"--output_dir {output} is the checkpoint given as --model_name_or_path" in line, line
+    assert (start / "model.safetensors").read_bytes() == before

@@ -74,6 +74,7 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
         check_argument_values(parsed)
+        check_output_is_not_an_input(parsed)
     except ValueError as e:
         raise UsageError(f"{e}{source}") from None
     return parsed
@@ -91,6 +92,25 @@ AT_LEAST_ZERO = (
     "num_train_epochs", "linear_epochs", "lift_epochs", "standin_epochs", "warmup_steps", "max_grad_norm",
     "dataloader_num_workers", "explain", "report_worst", "logit_adjustment", "logit_adjustment_tau",
 )  # fmt: skip
+
+
+INPUT_CHECKPOINTS = ("model_name_or_path", "clip", "stage1_checkpoint")
+
+
+def check_output_is_not_an_input(parsed) -> None:
+    """Writing a run into the checkpoint folder it starts from would replace that checkpoint (with
+    --overwrite_output_dir) or be refused with advice to overwrite it: refuse it, naming both flags."""
+    values = {name: value for arguments in parsed for name, value in vars(arguments).items()}
+    output = values.get("output_dir")
+    if not output or not os.path.isdir(output):
+        return
+    for name in INPUT_CHECKPOINTS:
+        given = values.get(name)
+        if isinstance(given, str) and os.path.isdir(given) and os.path.samefile(given, output):
+            raise ValueError(
+                f"--output_dir {output} is the checkpoint given as --{name}: the run would write over what it "
+                f"starts from; choose another --output_dir."
+            )
 
 
 def check_argument_values(parsed) -> None:
