@@ -94,6 +94,22 @@ AT_LEAST_ZERO = (
 )  # fmt: skip
 
 
+def check_argument_values(parsed) -> None:
+    """Refuses a NaN or infinite number in any flag, and a value below the least meaningful one in the flags above,
+    naming the flag (a ValueError that `parse_args` turns into one line)."""
+    for arguments in parsed:
+        for name, value in vars(arguments).items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if not math.isfinite(value):
+                raise ValueError(f"--{name} must be a finite number, got {value}.")
+            if name in ("seed", "data_seed", "first_seed") and not 0 <= value < 2**32:
+                raise ValueError(f"--{name} must lie in [0, 2**32 - 1] (NumPy's seed range), got {value}.")
+            least = 1 if name in AT_LEAST_ONE else 0 if name in AT_LEAST_ZERO else None
+            if least is not None and value < least:
+                raise ValueError(f"--{name} must be >= {least}, got {value}.")
+
+
 INPUT_CHECKPOINTS = ("model_name_or_path", "clip", "stage1_checkpoint")
 
 
@@ -111,22 +127,6 @@ def check_output_is_not_an_input(parsed) -> None:
                 f"--output_dir {output} is the checkpoint given as --{name}: the run would write over what it "
                 f"starts from; choose another --output_dir."
             )
-
-
-def check_argument_values(parsed) -> None:
-    """Refuses a NaN or infinite number in any flag, and a value below the least meaningful one in the flags above,
-    naming the flag (a ValueError that `parse_args` turns into one line)."""
-    for arguments in parsed:
-        for name, value in vars(arguments).items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                continue
-            if not math.isfinite(value):
-                raise ValueError(f"--{name} must be a finite number, got {value}.")
-            if name in ("seed", "data_seed", "first_seed") and not 0 <= value < 2**32:
-                raise ValueError(f"--{name} must lie in [0, 2**32 - 1] (NumPy's seed range), got {value}.")
-            least = 1 if name in AT_LEAST_ONE else 0 if name in AT_LEAST_ZERO else None
-            if least is not None and value < least:
-                raise ValueError(f"--{name} must be >= {least}, got {value}.")
 
 
 class _Parser(HfArgumentParser):

@@ -75,14 +75,18 @@ class StageTrainer(Trainer):
         an epoch of no step: the Trainer would fail on an unrelated message, or never finish with --max_steps."""
         if self.train_dataset is None or not self.args.dataloader_drop_last:
             return
-        images = len(self.train_dataset)
+        try:
+            images = len(self.train_dataset)
+        except TypeError:  # a streamed dataset has no length to check
+            return
         batch = self.args.per_device_train_batch_size * max(self.args.world_size, 1)
         if images < batch:
             processes = f" × {self.args.world_size} processes" if self.args.world_size > 1 else ""
             raise DataError(
-                f"The training split has {images} images, fewer than one batch of {batch} (--per_device_train_"
-                f"batch_size {self.args.per_device_train_batch_size}{processes}), and the last incomplete batch is "
-                f"dropped (--dataloader_drop_last): lower the batch size or pass --dataloader_drop_last False."
+                f"The training split has {images} images, fewer than one batch of {batch} "
+                f"(--per_device_train_batch_size {self.args.per_device_train_batch_size}{processes}), and the last "
+                f"incomplete batch is dropped (--dataloader_drop_last): lower the batch size or pass "
+                f"--dataloader_drop_last False."
             )
 
     def _get_train_sampler(self, train_dataset=None):
