@@ -587,7 +587,8 @@ def test_run_eval_on_a_checkpoint_without_anchors(data, tmp_path, tiny_clip_dir,
             data["train"], "--image_root", data["root"], "--output_dir", str(tmp_path / "eval"), *FAST]  # fmt: skip
     code, err = run("run_eval", argv, capfd)
     line = error_line(err, "run_eval")
-    assert code == 2 and "has no anchor sentences (a stage-1 checkpoint?)" in line and "--knn 5" in line, line
+    assert code == 2 and "has no anchor sentences: run python -m training.run_select_anchors" in line, line
+    assert "or evaluate it with --knn 5" in line
 
 
 def test_resume_from_a_saved_model_instead_of_a_checkpoint(data, tmp_path, tiny_clip_dir, capfd):

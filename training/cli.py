@@ -82,7 +82,8 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
 
 # Numeric flags of the scripts (ours and TrainingArguments') and the least value that means anything; `None` stays
 # allowed where a field defaults to it. A batch of 0 images or 0 anchors per class would otherwise fail deep inside
-# a DataLoader or an allocation, and a negative learning rate would silently train uphill.
+# a DataLoader or an allocation, and a negative learning rate would silently train uphill. The LGR / LIFT arguments
+# check their own attention / adapter learning rates and τ in __post_init__.
 AT_LEAST_ONE = (
     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
     "num_anchor_sentences", "text_batch_size", "max_images_per_class", "explain_top_k", "batch_size", "knn_k",
@@ -90,7 +91,7 @@ AT_LEAST_ONE = (
 AT_LEAST_ZERO = (
     "learning_rate", "attention_learning_rate", "adapter_learning_rate", "linear_learning_rate", "weight_decay",
     "num_train_epochs", "linear_epochs", "lift_epochs", "standin_epochs", "warmup_steps", "max_grad_norm",
-    "dataloader_num_workers", "explain", "report_worst", "logit_adjustment", "logit_adjustment_tau",
+    "dataloader_num_workers", "explain", "report_worst", "logit_adjustment_tau",
 )  # fmt: skip
 
 
@@ -190,9 +191,19 @@ def shot_thresholds(base, many: int | None, few: int | None):
     before any work: the few-shot bound cannot lie above the many-shot one."""
     many = base.many if many is None else many
     few = base.few if few is None else few
-    if few > many:
-        raise UsageError(f"--few_shot_threshold {few} must be <= --many_shot_threshold {many}.")
-    return dataclasses.replace(base, many=many, few=few)
+    try:
+        return dataclasses.replace(base, many=many, few=few)
+    except ValueError:  # ShotThresholds refuses few > many
+        raise UsageError(f"--few_shot_threshold {few} must be <= --many_shot_threshold {many}.") from None
+
+
+def require_anchors(model, path: str, alternative: str = "") -> None:
+    """The LGR head needs the anchors that run_select_anchors adds; a stage-1 checkpoint has none."""
+    if model.config.head_type == "lgr" and not bool(model.anchor_mask.any()):
+        raise UsageError(
+            f"--model_name_or_path {path} has no anchor sentences: run python -m training.run_select_anchors on the "
+            f"stage-1 output first{alternative}."
+        )
 
 
 def setup_logging(training_args) -> None:

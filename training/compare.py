@@ -542,9 +542,7 @@ def build_context(args: CompareArguments, data_args: DataArguments, corpus_args:
         note = (f"Data: the demo's long-tailed digits (imbalance {demo.IMBALANCE}), stand-in CLIP; shortened "
                 f"schedules (stage 1 {args.stage1_epochs:g} epochs, stage 2 {args.stage2_epochs:g}, linear probe "
                 f"{args.linear_epochs:g}), not the paper's.")  # fmt: skip
-    thresholds = shot_thresholds(
-        ShotThresholds(defaults.many, defaults.few), args.many_shot_threshold, args.few_shot_threshold
-    )
+    thresholds = shot_thresholds(defaults, args.many_shot_threshold, args.few_shot_threshold)
     train = load_labelled_split(data_args, data_args.train_file, data_args.train_split, "training split")
     if train is None:
         raise UsageError("Give the training images: --train_file or --dataset_name.")

@@ -135,11 +135,10 @@ def _safe_torch_load(path: str | os.PathLike, shown: str):
             f"{shown}: refused to unpickle {what}: the file holds something other than tensors, plain containers and "
             f"the allow-listed {allowed} that official VL-LTR checkpoints hold, so it is not loaded."
         ) from None
-    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, TypeError, AttributeError,
-            struct.error) as e:  # fmt: skip
-        if isinstance(e, RuntimeError | EOFError | OSError):
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ConversionError(f"{shown}: not a readable PyTorch checkpoint ({first}).") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConversionError(f"{shown}: not a readable PyTorch checkpoint ({first}).") from None
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, struct.error) as e:
         # A damaged pickle (cut short, or garbage after a valid start) fails anywhere in the unpickler.
         raise ConversionError(
             f"{shown}: not a readable PyTorch checkpoint (the unpickler failed on it with {type(e).__name__}): the "

@@ -40,6 +40,7 @@ from .cli import (
     prepare_output_dir,
     push_folder,
     record_run,
+    require_anchors,
     run_main,
     setup_logging,
     shot_thresholds,
@@ -129,11 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     model_class = VLLTRModel if eval_args.knn is not None else VLLTRForImageClassification
     model = load_checked("--model_name_or_path", model_class.from_pretrained, model_args.model_name_or_path, **hub)
-    if eval_args.knn is None and model.config.head_type == "lgr" and not bool(model.anchor_mask.any()):
-        raise UsageError(
-            f"--model_name_or_path {model_args.model_name_or_path} has no anchor sentences (a stage-1 checkpoint?): "
-            f"run python -m training.run_select_anchors on it first, or evaluate it with --knn 5."
-        )
+    if eval_args.knn is None:
+        require_anchors(model, model_args.model_name_or_path, alternative=", or evaluate it with --knn 5")
     if eval_args.explain and (eval_args.knn is not None or model.config.head_type != "lgr"):
         raise UsageError(
             "--explain needs a checkpoint with the LGR head: the FC and KNN heads have no anchor sentences."

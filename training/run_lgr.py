@@ -25,7 +25,16 @@ from modeling_vlltr import VLLTRForImageClassification
 
 from .adapters import ADAPTER_DIR, AdapterArguments, adapter_settings, add_lora, save_adapter
 from .arguments import AugmentationArguments, DataArguments, ModelArguments
-from .cli import UsageError, load_checked, parse_args, prepare_output_dir, record_run, run_main, setup_logging
+from .cli import (
+    UsageError,
+    load_checked,
+    parse_args,
+    prepare_output_dir,
+    record_run,
+    require_anchors,
+    run_main,
+    setup_logging,
+)
 from .data import training_datasets
 from .io_utils import DataError
 from .lgr_config import LGRConfig
@@ -48,11 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_checked(
         "--model_name_or_path", VLLTRForImageClassification.from_pretrained, model_args.model_name_or_path, **hub
     )
-    if model.config.head_type == "lgr" and not bool(model.anchor_mask.any()):
-        raise UsageError(
-            f"--model_name_or_path {model_args.model_name_or_path} has no anchor sentences: run "
-            f"python -m training.run_select_anchors on the stage-1 output first."
-        )
+    require_anchors(model, model_args.model_name_or_path)
 
     if adapter_args.peft == "lora":
         if args.train_vision_tower:

@@ -79,7 +79,7 @@ class StageTrainer(Trainer):
             images = len(self.train_dataset)
         except TypeError:  # a streamed dataset has no length to check
             return
-        batch = self.args.per_device_train_batch_size * max(self.args.world_size, 1)
+        batch = self.args.per_device_train_batch_size * self.args.world_size
         if images < batch:
             processes = f" × {self.args.world_size} processes" if self.args.world_size > 1 else ""
             raise DataError(
