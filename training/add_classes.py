@@ -32,7 +32,7 @@ from .cli import (
 )
 from .corpus import build_class_corpus
 from .data import eval_image_processor
-from .io_utils import atomic_write_json
+from .io_utils import atomic_write_json, save_pretrained_to
 from .model_card import history_entry
 from .splits import read_class_names
 
@@ -81,16 +81,16 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         new_ids = model.add_classes(names, sentences, tokenizer, batch_size=add_args.text_batch_size)
     except ValueError as e:
-        raise UsageError(str(e)) from None  # names the class (and the sentence) at fault
+        raise UsageError(f"{add_args.class_names}: {e}") from None  # names the class (and the sentence) at fault
 
     # ---- The grown checkpoint ------------------------------------------------------------------------------------------
-    model.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
+    save_pretrained_to(model, args.output_dir)
+    save_pretrained_to(tokenizer, args.output_dir)
     try:
         image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path, **hub)
     except (OSError, ValueError):
         image_processor = eval_image_processor(model.config.clip_config.vision_config.image_size)
-    image_processor.save_pretrained(args.output_dir)
+    save_pretrained_to(image_processor, args.output_dir)
     anchors = model.config.anchor_sentences
     atomic_write_json(
         Path(args.output_dir) / "added_classes.json",

@@ -46,7 +46,7 @@ from .cli import UsageError, load_checked, parse_args, run_main, shot_thresholds
 from .corpus import load_corpus
 from .data import ProcessorTransform, eval_image_processor
 from .embedding import embed_images, embed_texts
-from .io_utils import atomic_write, atomic_write_npz, atomic_write_text
+from .io_utils import atomic_write, atomic_write_npz, atomic_write_text, save_pretrained_to
 from .metrics import (
     TOP1_GROUPS,
     ShotThresholds,
@@ -373,12 +373,13 @@ def save_random_init(clip: str, out: Path, seed: int) -> None:
     the 'no CLIP weights' ablation starts the whole pipeline from it."""
     config = load_checked("--clip", CLIPConfig.from_pretrained, clip)
     torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(clip).save_pretrained(out)
+    tokenizer = load_checked("--clip", AutoTokenizer.from_pretrained, clip)
     try:
-        AutoImageProcessor.from_pretrained(clip).save_pretrained(out)
+        image_processor = AutoImageProcessor.from_pretrained(clip)
     except (OSError, ValueError):
-        eval_image_processor(config.vision_config.image_size).save_pretrained(out)
+        image_processor = eval_image_processor(config.vision_config.image_size)
+    for part in (CLIPModel(config), tokenizer, image_processor):
+        save_pretrained_to(part, out)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -571,7 +572,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}.")
     if args.clip is not None:
-        load_checked("--clip", CLIPConfig.from_pretrained, args.clip)
+        load_checked("--clip", CLIPConfig.from_pretrained, args.clip, tokenizer=True)
     out = Path(args.output_dir)
     _prepare_output_dir(out, args.overwrite_output_dir)
     start = time.time()

@@ -68,7 +68,7 @@ from modeling_vlltr.configuration_vlltr import DEFAULT_FUSION_ALPHA
 from . import official_reference as reference
 from .cli import UsageError, load_checked, parse_args, prepare_output_dir, record_run, run_main
 from .data import eval_image_processor
-from .io_utils import DataError
+from .io_utils import DataError, save_pretrained_to
 from .model_card import history_entry
 from .splits import read_class_names
 
@@ -843,9 +843,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- Write: weights, remote code, tokenizer, image processor, history and model card -----------------------------
     out = args.output_dir
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    eval_image_processor(model.config.clip_config.vision_config.image_size).save_pretrained(out)
+    save_pretrained_to(model, out)
+    save_pretrained_to(tokenizer, out)
+    save_pretrained_to(eval_image_processor(model.config.clip_config.vision_config.image_size), out)
     entry = history_entry("convert_official", "convert", record, results)
     dataset = record["dataset"]
     if (

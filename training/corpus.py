@@ -284,8 +284,8 @@ def tokenize_corpus(
     }
     try:
         atomic_write(cache_file, lambda tmp: save_file(tensors, tmp))
-    except OSError as e:
-        logger.warning(f"Could not write the token cache {cache_file} ({e}); continuing without it.")
+    except OSError as e:  # a cache: the run goes on without it (atomic_write left no partial file)
+        logger.warning(f"Could not write the token cache {cache_file} ({e.strerror or e}); continuing without it.")
     return result
 
 

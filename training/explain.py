@@ -11,6 +11,7 @@ import torch
 from transformers.utils import logging
 
 from .data import eval_collator
+from .io_utils import atomic_write
 
 logger = logging.get_logger(__name__)
 
@@ -122,7 +123,7 @@ def explanation_figure(items: list[dict], dataset, path: str | Path, max_chars: 
         ax_bars.set_xlim(0, 1.25 * max(weights))
         ax_bars.set_xlabel("attention weight", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 

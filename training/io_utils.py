@@ -1,10 +1,14 @@
 """File helpers shared by the training code: the one reader for user text files (and the error it raises), and
 atomic writes, so a crash never leaves a truncated file."""
 
+import errno
 import json
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +26,86 @@ def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
     return read_user_text(path, what, DataError)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing: one error for every failed write, whatever the writer raised
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class WriteError(OSError):
+    """Writing `filename` failed. Writers report a full disk (or a file-size limit) in their own ways: `OSError`
+    from Python's files and NumPy, `RuntimeError: ... unexpected pos` from `torch.save`'s zip writer, `SafetensorError:
+    ... (os error 28)` from safetensors; `writing` turns each into this one error, whose `strerror` says the cause."""
+
+
+# torch.save's zip writer checks the file position after each record; a short write shows up as this mismatch.
+_SHORT_WRITE = re.compile(r"unexpected pos|PytorchStreamWriter failed|file write failed")
+_OS_ERROR_CODE = re.compile(r"os error (\d+)|\[Errno (\d+)\]|code: (\d+)")
+
+
+def describe_write_failure(error: BaseException, path: str | os.PathLike | None = None) -> str:
+    """The cause of a failed write in a few words: the system's reason where the writer kept it, else the writer's
+    own first line; with a note when the disk that holds `path` is (nearly) full."""
+    if isinstance(error, OSError) and error.strerror:
+        cause = error.strerror
+    else:
+        text = str(error).strip()
+        code = _OS_ERROR_CODE.search(text)
+        number = next((int(g) for g in code.groups() if g), None) if code else None
+        if number is not None:
+            cause = os.strerror(number)
+        elif _SHORT_WRITE.search(text):
+            cause = "the file was cut short while writing (a full disk or a file-size limit)"
+        else:
+            cause = f"{type(error).__name__}: {text.splitlines()[0] if text else 'no message'}"
+    if path is not None and "space" not in cause:
+        folder = Path(path)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = None
+        if free is not None and free < 64 * 2**20:
+            cause += f"; the disk holding it has {free / 2**20:.1f} MB free"
+    return cause
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Runs a write of `path` (a file or the folder a `save_pretrained` fills); any exception the writer raises
+    becomes a `WriteError` naming `path` and the cause, which the scripts print as one line."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as e:
+        number = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
+        raise WriteError(number, describe_write_failure(e, path), str(path)) from e
+
+
+def save_pretrained_to(obj, folder: str | os.PathLike) -> None:
+    """`obj.save_pretrained(folder)` (a model, tokenizer or image processor), a failed write named by `writing`."""
+    with writing(folder):
+        obj.save_pretrained(str(folder))
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Calls `write(tmp_path)` on a temporary file beside `path`, then renames it over `path` (atomic on POSIX).
-    If `write` raises, `path` keeps its old content and the temporary file is removed."""
+    If `write` raises, `path` keeps its old content and the temporary file is removed; a failed write is a
+    `WriteError` naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    tmp = None
+    with writing(path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            write(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -217,12 +287,54 @@ def _looks_local(path: str) -> bool:
     )
 
 
+# Any one of these makes a tokenizer: the fast tokenizer's file, a BPE / WordPiece vocabulary, a SentencePiece model.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def is_trainer_checkpoint(folder: str | os.PathLike) -> bool:
+    """A `checkpoint-N` folder the Trainer writes during a run (weights, optimizer state, trainer_state.json)."""
+    folder = Path(folder)
+    return folder.name.startswith("checkpoint-") and (folder / "trainer_state.json").is_file()
+
+
+def _check_label_map(file: Path, config: dict, error: type[Exception]) -> None:
+    """A hand-edited `id2label` must number the classes 0..N-1, one name each (from_pretrained keeps any keys, and
+    every use of the classes indexes them from 0)."""
+    id2label = config.get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        return
+    try:
+        ids = sorted(int(k) for k in id2label)
+    except (TypeError, ValueError):
+        bad = next(k for k in id2label if not str(k).lstrip("-").isdigit())
+        raise error(f"{file}: id2label key {bad!r} is not a class id; number the classes 0..N-1.") from None
+    if ids != list(range(len(ids))):
+        missing = sorted(set(range(len(ids))) - set(ids))
+        raise error(
+            f"{file}: id2label numbers its {len(ids)} classes {ids[0]}..{ids[-1]}"
+            f"{f' (no id {missing[0]})' if missing else ''}; the ids must be exactly 0..{len(ids) - 1}, one per "
+            f"class, in label order (label2id likewise)."
+        )
+
+
 def check_checkpoint_folder(
-    path: str | os.PathLike, what: str = "checkpoint", error: type[Exception] = ValueError, weights: bool = True
+    path: str | os.PathLike,
+    what: str = "checkpoint",
+    error: type[Exception] = ValueError,
+    weights: bool = True,
+    tokenizer: bool = False,
 ) -> None:
     """Refuses a local checkpoint folder whose config, weights (with `weights`) or tokenizer / image-processor files
-    are missing, cut short or not valid JSON, in one line naming the file and the fix. A Hub name (not a local
-    folder) is left to `from_pretrained`."""
+    are missing, cut short or not valid JSON, whose `id2label` is not numbered 0..N-1, or (with `tokenizer`) that
+    holds no tokenizer, in one line naming the file and the fix (for a Trainer `checkpoint-N` folder: the run's
+    output folder to pass instead). A Hub name (not a local folder) is left to `from_pretrained`."""
     folder = Path(path)
     if folder.is_file():
         raise error(f"{what} {folder} is a file: pass the checkpoint folder (the one holding config.json).")
@@ -240,13 +352,34 @@ def check_checkpoint_folder(
         if not file.exists():
             continue
         try:
-            json.loads(file.read_bytes().decode("utf-8-sig"))
+            content = json.loads(file.read_bytes().decode("utf-8-sig"))
         except UnicodeDecodeError:
             raise error(f"{file}: not valid UTF-8; {_DAMAGED}.") from None
         except json.JSONDecodeError as e:
             raise error(f"{file}:{e.lineno}: not valid JSON ({e.msg}); {_DAMAGED}.") from None
         except OSError as e:
             raise error(f"{file}: cannot read it ({e.strerror or e}).") from None
+        if name == "config.json" and isinstance(content, dict):
+            _check_label_map(file, content, error)
+    if tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        if is_trainer_checkpoint(folder):
+            final = folder.parent
+            done = (final / "config.json").is_file() and any((final / n).is_file() for n in TOKENIZER_FILES)
+            instead = (
+                f"pass the run's output folder {final} instead (written when the run finished)"
+                if done
+                else f"finish that run first (--resume_from_checkpoint {folder} with its --output_dir {final}), "
+                f"then pass {final}"
+            )
+            raise error(
+                f"{what} {folder} is a Trainer checkpoint-N folder: it holds the weights and optimizer state but no "
+                f"tokenizer, which this step needs: {instead}."
+            )
+        raise error(
+            f"{what} {folder}: no tokenizer files (none of {', '.join(TOKENIZER_FILES[:3])}, ...); this step "
+            f"tokenises text: copy the tokenizer files of the CLIP it was made from into the folder "
+            f"(AutoTokenizer.from_pretrained(clip).save_pretrained(folder))."
+        )
     if not weights:
         return
     files = [folder / "model.safetensors"]

@@ -30,6 +30,7 @@ from .corpus import load_corpus
 from .cvlp_config import CVLPConfig
 from .cvlp_trainer import CVLPTrainer
 from .data import training_datasets
+from .io_utils import save_pretrained_to
 from .model_card import history_entry, schedule_settings
 from .resolution import resize_image_size
 from .splits import checkpoint_class_names, load_training_splits
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     hub = model_args.hub_kwargs
 
     # ---- Data -------------------------------------------------------------------------------------------------------
-    config = load_checked("--model_name_or_path", VLLTRConfig.from_pretrained, model_args.model_name_or_path, **hub)
+    config = load_checked(
+        "--model_name_or_path", VLLTRConfig.from_pretrained, model_args.model_name_or_path, tokenizer=True, **hub
+    )
     train, evaluation = load_training_splits(data_args, checkpoint_class_names(config))
     class_names = train.class_names
     tokenizer = load_checked(
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- Save: weights, remote code, tokenizer, image processor, history, card -------------------------------------------
     trainer.save_model(args.output_dir)  # adapters merged
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(args.output_dir)
+        save_pretrained_to(tokenizer, args.output_dir)
         if adapter_args.save_adapter:
             save_adapter(model, f"{args.output_dir}/{ADAPTER_DIR}", model_args.model_name_or_path)
         settings = {

@@ -19,6 +19,8 @@ The reference ImageNet-LT ViT-B/16 recipe on one node of 8 GPUs:
         --image_root data/imagenet --output_dir outputs/in_lt_stage2
 """
 
+from pathlib import Path
+
 from transformers import AutoTokenizer
 
 from modeling_vlltr import VLLTRForImageClassification
@@ -36,7 +38,7 @@ from .cli import (
     setup_logging,
 )
 from .data import training_datasets
-from .io_utils import DataError
+from .io_utils import TOKENIZER_FILES, DataError, save_pretrained_to, writing
 from .lgr_config import LGRConfig
 from .lgr_trainer import LGRTrainer
 from .metrics import LongTailMetrics
@@ -101,11 +103,18 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         if adapter_args.save_adapter:
-            save_adapter(model, f"{args.output_dir}/{ADAPTER_DIR}", model_args.model_name_or_path)
-        try:
-            AutoTokenizer.from_pretrained(model_args.model_name_or_path, **hub).save_pretrained(args.output_dir)
-        except (OSError, ValueError):
-            pass  # the classifier needs no tokenizer; it is copied along when the input folder has one
+            with writing(f"{args.output_dir}/{ADAPTER_DIR}"):
+                save_adapter(model, f"{args.output_dir}/{ADAPTER_DIR}", model_args.model_name_or_path)
+        # The classifier needs no tokenizer; it is copied along when the input has one (adding classes later needs
+        # it). A local folder without tokenizer files would load as an empty tokenizer: nothing is copied then.
+        source = Path(str(model_args.model_name_or_path))
+        if not source.is_dir() or any((source / name).is_file() for name in TOKENIZER_FILES):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **hub)
+            except (OSError, ValueError):
+                tokenizer = None
+            if tokenizer is not None:
+                save_pretrained_to(tokenizer, args.output_dir)
         settings = {
             "train_file": train.description,
             "num_classes": train.num_classes,

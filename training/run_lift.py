@@ -25,6 +25,7 @@ from .cli import load_checked, parse_args, prepare_output_dir, record_run, run_m
 from .corpus import IMAGENET_TEMPLATES
 from .data import training_datasets
 from .embedding import prompt_embeddings
+from .io_utils import save_pretrained_to
 from .lgr_trainer import LGRTrainer
 from .lift_config import LIFTArguments, LIFTConfig
 from .metrics import LongTailMetrics
@@ -42,7 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
     hub = model_args.hub_kwargs
 
     # ---- Data ---------------------------------------------------------------------------------------------------------
-    config = load_checked("--model_name_or_path", VLLTRConfig.from_pretrained, model_args.model_name_or_path, **hub)
+    config = load_checked(
+        "--model_name_or_path", VLLTRConfig.from_pretrained, model_args.model_name_or_path, tokenizer=True, **hub
+    )
     train, evaluation = load_training_splits(data_args, checkpoint_class_names(config))
     class_names = train.class_names
     image_size = config.clip_config.vision_config.image_size
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- Save (adapters merged) ----------------------------------------------------------------------------------------
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(args.output_dir)
+        save_pretrained_to(tokenizer, args.output_dir)
         if lift_args.save_adapter:
             save_adapter(model, f"{args.output_dir}/{ADAPTER_DIR}", model_args.model_name_or_path)
         settings = {

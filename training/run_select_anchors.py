@@ -63,7 +63,7 @@ from .cli import (
 from .corpus import load_corpus
 from .data import ProcessorTransform, eval_image_processor, train_transform_from_args
 from .embedding import embed_images
-from .io_utils import atomic_write_json, atomic_write_text
+from .io_utils import atomic_write_json, atomic_write_text, save_pretrained_to
 from .model_card import history_entry
 from .selection import SELECTION_IMAGES, TRAINING_IMAGES_WARNING, SampledSelection
 from .splits import checkpoint_class_names, load_labelled_split
@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     hub = model_args.hub_kwargs
 
     # ---- Class names, the selection images and the corpus ------------------------------------------------------------
-    config = load_checked("--model_name_or_path", VLLTRConfig.from_pretrained, model_args.model_name_or_path, **hub)
+    config = load_checked(
+        "--model_name_or_path", VLLTRConfig.from_pretrained, model_args.model_name_or_path, tokenizer=True, **hub
+    )
     checkpoint_names = checkpoint_class_names(config)
     selection = load_labelled_split(
         data_args, anchor_args.selection_file, anchor_args.selection_split, "selection split",
@@ -267,9 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
         classifier.set_anchor_embeddings(anchors, mask)
         classifier.set_anchor_sentences(anchor_sentences)
-    classifier.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    image_processor.save_pretrained(args.output_dir)
+    save_pretrained_to(classifier, args.output_dir)
+    save_pretrained_to(tokenizer, args.output_dir)
+    save_pretrained_to(image_processor, args.output_dir)
 
     record = anchors_record(
         anchor_args.anchor_selection, corpus.class_names, corpus.sentences, scores, indices, mask, labels=chosen
@@ -318,11 +320,12 @@ def _fc_classifier(model_args: ModelArguments, selection, anchor_args: AnchorArg
     classifier = load_new_head(
         VLLTRForImageClassification.from_pretrained, model_args.model_name_or_path, config=config, **hub
     )
-    classifier.save_pretrained(args.output_dir)
-    load_checked(
-        "--model_name_or_path", AutoTokenizer.from_pretrained, model_args.model_name_or_path, **hub
-    ).save_pretrained(args.output_dir)
-    eval_image_processor(config.clip_config.vision_config.image_size).save_pretrained(args.output_dir)
+    save_pretrained_to(classifier, args.output_dir)
+    save_pretrained_to(
+        load_checked("--model_name_or_path", AutoTokenizer.from_pretrained, model_args.model_name_or_path, **hub),
+        args.output_dir,
+    )
+    save_pretrained_to(eval_image_processor(config.clip_config.vision_config.image_size), args.output_dir)
     results = {"num_classes": len(id2label)}
     entry = history_entry("run_select_anchors", "fc_head", {"head_type": "fc", "classes": selection.description})
     record_run(

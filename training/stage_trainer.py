@@ -12,7 +12,7 @@ from transformers.utils import logging
 from .adapters import ADAPTER_DIR, AdapterError, has_adapters, load_adapter_for_resume, merged_state_dict, save_adapter
 from .data import LongTailSampler
 from .interrupt import StopOnSignal, TrainingInterrupted
-from .io_utils import DataError
+from .io_utils import DataError, WriteError, describe_write_failure, writing
 
 logger = logging.get_logger(__name__)
 
@@ -22,8 +22,9 @@ class NonFiniteLossError(FloatingPointError):
     holds damaged weights."""
 
 
-class CheckpointWriteError(OSError):
-    """Writing a checkpoint failed (e.g. a full disk): the earlier checkpoints are intact."""
+class CheckpointWriteError(WriteError):
+    """Writing a checkpoint or the final model failed (e.g. a full disk), whatever the writer raised (`OSError`,
+    `torch.save`'s `RuntimeError`, a `SafetensorError`): the earlier checkpoints are intact."""
 
 
 class _FiniteGradientGuard(TrainerCallback):
@@ -131,13 +132,18 @@ class StageTrainer(Trainer):
             )
 
     def _save_checkpoint(self, model, trial) -> None:
+        # The weights, the optimizer and scheduler state (torch.save), the RNG state and trainer_state.json: any of
+        # them can meet a full disk, each writer raising its own type.
         try:
             super()._save_checkpoint(model, trial)
-        except OSError as e:
+        except Exception as e:
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            cause = e.strerror if isinstance(e, WriteError) else describe_write_failure(e, folder)
             raise CheckpointWriteError(
-                e.errno,
-                f"Writing checkpoint-{self.state.global_step} in {self.args.output_dir} failed ({e.strerror or e}); "
-                f"the earlier checkpoints are intact: free space, then resume with --resume_from_checkpoint last.",
+                getattr(e, "errno", None),
+                f"Writing {folder} failed ({cause}); the earlier checkpoints are intact (the incomplete one is "
+                f"skipped on resume): free space, then resume with --resume_from_checkpoint last.",
+                str(folder),
             ) from e
 
     # -- saving: one-line errors; with adapters, checkpoints hold merged weights plus the adapter for resuming ------
@@ -149,20 +155,24 @@ class StageTrainer(Trainer):
         super()._save(output_dir, state_dict=state_dict)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        folder = output_dir or self.args.output_dir
         try:
             super().save_model(output_dir, _internal_call)
-        except OSError as e:
-            if _internal_call:  # within _save_checkpoint, which names the checkpoint
+            model = self.accelerator.unwrap_model(self.model)
+            if _internal_call and has_adapters(model) and self.args.should_save:
+                # a checkpoint written during training: the adapter itself too, which resuming reads back
+                with writing(Path(folder) / ADAPTER_DIR):
+                    save_adapter(model, Path(folder) / ADAPTER_DIR, None)
+        except Exception as e:
+            if _internal_call or not self.args.should_save:  # within _save_checkpoint, which names the checkpoint
                 raise
+            cause = e.strerror if isinstance(e, WriteError) else describe_write_failure(e, folder)
             raise CheckpointWriteError(
-                e.errno,
-                f"Saving the model in {output_dir or self.args.output_dir} failed ({e.strerror or e}); the "
-                f"checkpoints written before are intact: free space, then resume with --resume_from_checkpoint last.",
+                getattr(e, "errno", None),
+                f"Saving the model in {folder} failed ({cause}); the checkpoints written before are intact: free "
+                f"space, then resume with --resume_from_checkpoint last.",
+                str(folder),
             ) from e
-        model = self.accelerator.unwrap_model(self.model)
-        if _internal_call and has_adapters(model) and self.args.should_save:
-            # a checkpoint written during training: the adapter itself too, which resuming reads back
-            save_adapter(model, Path(output_dir or self.args.output_dir) / ADAPTER_DIR, None)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model if model is not None else self.model
