@@ -429,6 +429,12 @@ def _class_mismatch_message(source: str, described: str) -> str:
     )
 
 
+def _class_key(name: str) -> str:
+    """The form in which two class names count as the same class: case, underscores and runs of white space do not
+    count (the rule the training scripts' class-list checks apply; this file ships alone as Hub remote code)."""
+    return " ".join(str(name).replace("_", " ").split()).casefold()
+
+
 def _raise_if_class_names_differ(pretrained_model_name_or_path, kwargs: dict) -> None:
     """After transformers refused a checkpoint for a size mismatch: if the `id2label` passed names other classes
     than the checkpoint's `anchor_class_names`, raise a `ValueError` naming them."""
@@ -957,14 +963,18 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
             raise ValueError("add_classes needs at least one new class name.")
         if len(sentences) != len(names):
             raise ValueError(f"Give one list of sentences per new class: {len(names)} names, {len(sentences)} lists.")
-        existing = {name: label for label, name in self.config.id2label.items()}
+        existing = {_class_key(name): (label, name) for label, name in self.config.id2label.items()}
         for k, name in enumerate(names):
             if not isinstance(name, str) or not name.strip():
                 raise ValueError(f"New class names must be non-empty strings, got {name!r}.")
-            if name in existing:
-                raise ValueError(f"Class {name!r} already exists in this checkpoint (label {existing[name]}).")
-            if name in names[:k]:
-                raise ValueError(f"Class {name!r} is given twice.")
+            if _class_key(name) in existing:
+                label, old = existing[_class_key(name)]
+                same = "" if old == name else f" as {old!r} (case, underscores and spacing do not count)"
+                raise ValueError(f"Class {name!r} already exists in this checkpoint (label {label}{same}).")
+            earlier = [n for n in names[:k] if _class_key(n) == _class_key(name)]
+            if earlier:
+                same = "" if earlier[0] == name else f" (as {earlier[0]!r}; case, underscores and spacing do not count)"
+                raise ValueError(f"Class {name!r} is given twice{same}.")
         for name, class_sentences in zip(names, sentences):
             if isinstance(class_sentences, str) or not isinstance(class_sentences, (list, tuple)):
                 raise ValueError(

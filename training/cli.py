@@ -7,6 +7,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -16,11 +17,13 @@ from typing import Any
 import torch.distributed as dist
 import transformers
 from huggingface_hub import HfApi
-from transformers import HfArgumentParser
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+from transformers import AutoTokenizer, HfArgumentParser, PreTrainedTokenizerBase, TrainingArguments
+from transformers.integrations import integration_utils
 from transformers.utils import logging
 
 from .adapters import AdapterError
-from .io_utils import DataError, check_checkpoint_folder, read_user_text, unique_keys
+from .io_utils import DataError, WriteError, check_checkpoint_folder, read_user_text, unique_keys
 from .model_card import extend_history, read_history, write_history, write_model_card
 from .stage_trainer import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
 
@@ -74,6 +77,7 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
         check_argument_values(parsed)
+        check_report_to(parsed)
         check_output_is_not_an_input(parsed)
     except ValueError as e:
         raise UsageError(f"{e}{source}") from None
@@ -109,6 +113,33 @@ def check_argument_values(parsed) -> None:
             least = 1 if name in AT_LEAST_ONE else 0 if name in AT_LEAST_ZERO else None
             if least is not None and value < least:
                 raise ValueError(f"--{name} must be >= {least}, got {value}.")
+
+
+# --report_to names -> the transformers availability check and the pip package to install; the Trainer would
+# otherwise fail only when it builds its callbacks, in a traceback (`WandbCallback requires wandb to be installed`).
+_REPORT_PACKAGES = {
+    "azure_ml": ("is_azureml_available", "azureml-core"), "comet_ml": ("is_comet_available", "comet-ml"),
+    "flyte": ("is_flytekit_available", "flytekit flytekitplugins-deck-standard"),
+}  # fmt: skip
+
+
+def check_report_to(parsed) -> None:
+    """Refuses a --report_to integration that transformers does not know or whose package is not installed, naming
+    the package to install (or `--report_to none`)."""
+    for arguments in parsed:
+        if not isinstance(arguments, TrainingArguments):
+            continue
+        for name in arguments.report_to or []:
+            if name not in integration_utils.INTEGRATION_TO_CALLBACK:
+                known = ", ".join(sorted(integration_utils.INTEGRATION_TO_CALLBACK))
+                raise ValueError(f"--report_to {name}: not an integration transformers knows ({known}, all, none).")
+            check, package = _REPORT_PACKAGES.get(name, (f"is_{name}_available", name))
+            available = getattr(integration_utils, check, None)
+            if available is not None and not available():
+                raise ValueError(
+                    f"--report_to {name}: the {name} package is not installed: pip install {package}, or pass "
+                    f"--report_to none."
+                )
 
 
 INPUT_CHECKPOINTS = ("model_name_or_path", "clip", "stage1_checkpoint")
@@ -153,14 +184,14 @@ def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str]
             raise
         print(f"{prog}: interrupted before training started (nothing to resume from).", file=sys.stderr)
         raise SystemExit(130) from None
-    except (DataError, UsageError, NonFiniteLossError, CheckpointWriteError, AdapterError) as e:
+    except (DataError, UsageError, NonFiniteLossError, CheckpointWriteError, AdapterError, HubPushError) as e:
         if os.environ.get("VLLTR_DEBUG"):
             raise
-        message = " ".join((e.strerror if isinstance(e, CheckpointWriteError) else str(e)).split())
+        message = " ".join((e.strerror if isinstance(e, CheckpointWriteError) else original_message(e)).split())
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as e:  # a full disk, a read-only or vanished output folder while writing the results
-        if e.errno not in _WRITE_ERRNOS or os.environ.get("VLLTR_DEBUG"):
+        if not (isinstance(e, WriteError) or e.errno in _WRITE_ERRNOS) or os.environ.get("VLLTR_DEBUG"):
             raise
         where = e.filename or "the output folder"
         print(
@@ -175,6 +206,22 @@ def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str]
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+# A DataLoader worker's exception is raised again in the main process as the same type, its message replaced by
+# "Caught DataError in DataLoader worker process 1.\nOriginal Traceback (most recent call last): ... DataError: <the
+# original message>" (torch/_utils.py, ExceptionWrapper.reraise).
+_WORKER_PREFIX = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\s*\nOriginal Traceback")
+
+
+def original_message(error: BaseException) -> str:
+    """`str(error)`, or for an error re-raised from a DataLoader worker, the message the worker raised (what the
+    same fault says with --dataloader_num_workers 0)."""
+    text = str(error)
+    if not _WORKER_PREFIX.match(text):
+        return text
+    name = re.escape(type(error).__name__)
+    matches = list(re.finditer(rf"^(?:[\w.]+\.)?{name}: ", text, flags=re.MULTILINE))
+    return text[matches[-1].end() :].strip() if matches else text
 
 
 def _leave_process_group() -> None:
@@ -231,9 +278,14 @@ def load_new_head(loader: Callable, path: str, **kwargs):
     return model
 
 
-def load_checked(what: str, loader: Callable, path: str, **kwargs):
+def load_checked(what: str, loader: Callable, path: str, *, tokenizer: bool = False, **kwargs):
     """Calls `loader(path, **kwargs)`, turning a missing, damaged or wrong checkpoint into a `UsageError` naming
-    `what` (a local folder's files are checked first, so a cut-short file is named before anything is loaded)."""
+    `what` (a local folder's files are checked first, so a cut-short file is named before anything is loaded).
+    `tokenizer=True` (implied when `loader` loads a tokenizer) also requires tokenizer files: without them
+    transformers 5 builds an empty tokenizer that maps every character to one unknown id, and the run would train
+    on nothing. Scripts that tokenise text pass it with their first load (the config), before any work."""
+    owner = getattr(loader, "__self__", None)
+    tokenizer = tokenizer or (isinstance(owner, type) and issubclass(owner, (AutoTokenizer, PreTrainedTokenizerBase)))
     check_checkpoint_folder(path, what, UsageError, weights=False)
     try:
         result = loader(path, **kwargs)
@@ -244,8 +296,9 @@ def load_checked(what: str, loader: Callable, path: str, **kwargs):
             check_checkpoint_folder(path, what, UsageError)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{what} {path}: {first}") from None
-    # The scripts load the config first: a missing or cut-short weights file is named now, before any work.
-    check_checkpoint_folder(path, what, UsageError)
+    # The scripts load the config first: a missing or cut-short weights file (or tokenizer) is named now, before any
+    # work; after the loader, so that a folder of another model type is named as such first.
+    check_checkpoint_folder(path, what, UsageError, tokenizer=tokenizer)
     return result
 
 
@@ -407,17 +460,46 @@ def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
     return None
 
 
+class HubPushError(RuntimeError):
+    """`--push_to_hub` failed (the Hub unreachable, no token, the push refused) after the local folder was written."""
+
+
+_PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.tmp", ".*", "training_args.bin"]
+
+
+def _push_failure(error: Exception) -> str:
+    """Why a push failed, in a few words (huggingface_hub's and the HTTP client's messages run over many lines)."""
+    if isinstance(error, OfflineModeIsEnabled):
+        return "the Hub is switched off here (HF_HUB_OFFLINE=1)"
+    if isinstance(error, LocalTokenNotFoundError):
+        return "no Hub token: log in with `hf auth login` or pass --hub_token"
+    if isinstance(error, HfHubHTTPError) and error.response is not None:
+        status = error.response.status_code
+        if status in (401, 403):
+            return f"the Hub refused the push (HTTP {status}): check the token's write access to the repository"
+        return f"the Hub answered HTTP {status}"
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else "no message"
+    return f"the Hub could not be reached ({type(error).__name__}: {first[:200]})"
+
+
 def push_folder(folder: str | os.PathLike, training_args, commit_message: str) -> str:
     """Creates (or reuses) `hub_model_id` and uploads `folder`: weights, config, remote code, image processor,
-    tokenizer, card and reports; checkpoints and logs are left out. Returns the repository URL."""
-    api = HfApi(token=training_args.hub_token)
-    repo = api.create_repo(training_args.hub_model_id, private=bool(training_args.hub_private_repo), exist_ok=True)
-    api.upload_folder(
-        repo_id=training_args.hub_model_id,
-        folder_path=str(folder),
-        commit_message=commit_message,
-        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "*.tmp", ".*", "training_args.bin"],
-    )
+    tokenizer, card and reports; checkpoints and logs are left out. Returns the repository URL. Called once the
+    folder is complete, so a failure (`HubPushError`) loses nothing: its message says how to push later."""
+    repo_id = training_args.hub_model_id
+    try:
+        api = HfApi(token=training_args.hub_token)
+        repo = api.create_repo(repo_id, private=bool(training_args.hub_private_repo), exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=_PUSH_IGNORE
+        )
+    except Exception as e:
+        excludes = " ".join(f"--exclude '{p}'" for p in ("checkpoint-*", "runs/*", ".*", "training_args.bin"))
+        raise HubPushError(
+            f"--push_to_hub {repo_id}: {_push_failure(e)}. The local folder {folder} is complete; push it later "
+            f"with: hf upload {repo_id} {folder} {excludes}"
+        ) from e
     logger.info(f"Pushed {folder} to {repo}")
     return str(repo)
 

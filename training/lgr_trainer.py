@@ -8,6 +8,7 @@ from modeling_vlltr.modeling_vlltr import soft_target_cross_entropy
 
 from .adapters import AdapterError, has_adapters, unfreeze_adapters
 from .data import MixupCutmixCollator, eval_collator
+from .io_utils import normalize_class_name
 from .losses import log_class_prior, logit_adjusted_cross_entropy
 from .splits import class_counts
 from .stage_trainer import StageTrainer
@@ -80,12 +81,24 @@ class LGRTrainer(StageTrainer):
             return None
         if self.args.train_vision_tower:
             raise ValueError("--train_classes trains only some rows of the head: drop --train_vision_tower.")
-        label2id = self.model.config.label2id
+        label2id = {normalize_class_name(name): i for name, i in self.model.config.label2id.items()}
         names = [name.strip() for name in train_classes.split(",") if name.strip()]
-        unknown = [name for name in names if name not in label2id]
+        unknown = [name for name in names if normalize_class_name(name) not in label2id]
         if unknown or not names:
             raise ValueError(f"--train_classes {train_classes!r}: no class named {unknown[:3]} in this checkpoint.")
-        ids = sorted({label2id[name] for name in names})
+        ids = sorted({label2id[normalize_class_name(name)] for name in names})
+        # A class without training images would train its row on nothing and then be fused through an image row
+        # that has never seen it: refused (docs/method.md, classes added from text).
+        if self.train_dataset is not None and hasattr(self.train_dataset, "labels"):
+            counts = class_counts(self.train_dataset.labels, self.model.config.num_labels)
+            unseen = [self.model.config.id2label[i] for i in ids if counts[i] == 0]
+            if unseen:
+                raise ValueError(
+                    f"--train_classes: class {unseen[0]!r} has no image in the training split, so its image row "
+                    f"would learn nothing and its text-only prediction would be replaced by a fused one through that "
+                    f"untrained row: add training images of it, or leave it out of --train_classes (it keeps the "
+                    f"text-only prediction add_classes gave it)."
+                )
         fc2 = self.model.image_branch.fc2
         self.model.requires_grad_(False)
         fc2.requires_grad_(True)

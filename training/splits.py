@@ -248,6 +248,8 @@ def check_split_classes(labels: np.ndarray, num_classes: int, split_name: str, m
 def checkpoint_class_names(config) -> list[str] | None:
     """The checkpoint's class names, or None when its id2label is the default placeholder (LABEL_0, ...)."""
     id2label = getattr(config, "id2label", None) or {}
+    if sorted(id2label) != list(range(len(id2label))):  # a hand-edited config (folders are checked on loading)
+        raise DataError(f"The checkpoint's id2label numbers its classes {sorted(id2label)}; they must be 0..N-1.")
     names = [id2label[i] for i in range(len(id2label))]
     if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
         return None
