@@ -973,7 +973,9 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
                 raise ValueError(f"Class {name!r} already exists in this checkpoint (label {label}{same}).")
             earlier = [n for n in names[:k] if _class_key(n) == _class_key(name)]
             if earlier:
-                same = "" if earlier[0] == name else f" (as {earlier[0]!r}; case, underscores and spacing do not count)"
+                same = (
+                    "" if earlier[0] == name else f" (as {earlier[0]!r}; case, underscores and spacing do not count)"
+                )
                 raise ValueError(f"Class {name!r} is given twice{same}.")
         for name, class_sentences in zip(names, sentences):
             if isinstance(class_sentences, str) or not isinstance(class_sentences, (list, tuple)):
