@@ -18,7 +18,7 @@ import torch.distributed as dist
 import transformers
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
-from transformers import AutoTokenizer, HfArgumentParser, PreTrainedTokenizerBase, TrainingArguments
+from transformers import AutoTokenizer, HfArgumentParser, PretrainedConfig, PreTrainedTokenizerBase, TrainingArguments
 from transformers.integrations import integration_utils
 from transformers.utils import logging
 
@@ -26,6 +26,7 @@ from .adapters import AdapterError
 from .io_utils import DataError, WriteError, check_checkpoint_folder, read_user_text, unique_keys
 from .model_card import extend_history, read_history, write_history, write_model_card
 from .stage_trainer import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
+from .threads import configure_threads
 
 logger = logging.get_logger(__name__)
 
@@ -299,6 +300,8 @@ def load_checked(what: str, loader: Callable, path: str, *, tokenizer: bool = Fa
     # The scripts load the config first: a missing or cut-short weights file (or tokenizer) is named now, before any
     # work; after the loader, so that a folder of another model type is named as such first.
     check_checkpoint_folder(path, what, UsageError, tokenizer=tokenizer)
+    if isinstance(result, PretrainedConfig) or isinstance(getattr(result, "config", None), PretrainedConfig):
+        configure_threads(getattr(result, "config", result))  # the first model a script loads sets the threads
     return result
 
 

@@ -49,6 +49,7 @@ from .io_utils import atomic_write_json, atomic_write_text
 from .metrics import TOP1_GROUPS, ShotThresholds, group_top1, long_tail_metrics, plot_per_class_accuracy
 from .splits import load_labelled_split
 from .standin_clip import build_char_tokenizer, save_clip_folder, small_clip_config
+from .threads import configure_threads
 
 logger = logging.get_logger(__name__)
 
@@ -134,6 +135,7 @@ def pretrain_standin_clip(data: dict, out: Path, seed: int, epochs: int = 40, ba
     torch.manual_seed(seed)
     tokenizer = build_char_tokenizer()
     model = CLIPModel(small_clip_config(image_size=32, patch_size=4, width=64, layers=3, heads=4, projection_dim=64))
+    configure_threads(model.config)
     pool = load_labelled_split(
         DataArguments(image_root=data["root"]), data["pool"], None, "pool", class_names=CLASS_NAMES
     )
