@@ -79,15 +79,18 @@ def _words(text: str) -> str:
 
 
 def clean_answer(text: str) -> list[str]:
-    """The whole sentences of an answer: list markers and white space removed, a last sentence cut off by the token
-    limit dropped, fragments of fewer than three words dropped."""
+    """The whole sentences of an answer: list markers and white space removed; dropped are a last sentence cut off by
+    the token limit (no closing punctuation), a fragment that continues the prompt (no capital letter, digit or
+    quote first) and fragments of fewer than three words."""
     sentences = []
     for line in text.splitlines():
         line = line.strip().lstrip("-*•").strip()
         if line[:3].rstrip(".)").isdigit():  # "1. " / "2) " numbering
             line = line.split(maxsplit=1)[1] if len(line.split(maxsplit=1)) > 1 else ""
         sentences += split_sentences(line)
-    return [s for s in sentences if s[-1] in ".!?" and len(s.split()) >= 3]
+    return [
+        s for s in sentences if s[-1] in ".!?" and (s[0].isupper() or s[0] in "0123456789\"'") and len(s.split()) >= 3
+    ]
 
 
 class LLMDescriber:

@@ -52,14 +52,17 @@ def lead_section(text: str) -> str:
     paragraphs = []
     for block in re.split(r"\n\s*\n", text.strip()):
         lines = [line.strip() for line in block.splitlines() if line.strip()]
-        if not lines:
-            continue
-        first = lines[0]
-        if first.startswith("==") or (len(lines) == 1 and len(first.split()) < 10 and first[-1] not in ".!?:;\"')"):
+        heading = next((i for i, line in enumerate(lines) if line.startswith("==")), None)
+        if heading is None and len(lines) == 1 and len(lines[0].split()) < 10 and lines[0][-1] not in ".!?:;\"')":
+            heading = 0  # a plain-text heading: a short line of its own
+        if heading is not None:
+            if lines[:heading]:
+                paragraphs.append(" ".join(lines[:heading]))
             if paragraphs:
                 break
             continue  # a heading before any text (a stray title line)
-        paragraphs.append(" ".join(lines))
+        if lines:
+            paragraphs.append(" ".join(lines))
     return "\n".join(paragraphs)
 
 
