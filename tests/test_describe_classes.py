@@ -410,6 +410,27 @@ def test_require_all_names_the_class_without_sentences(tmp_path, capsys):
     assert not out.exists() and (tmp_path / "c.coverage.json").exists()
 
 
+def test_descriptor_keys_by_order(tmp_path, capsys, caplog):
+    """A file listing every class in order under other names (CLIP's curated ImageNet names): by name only the
+    matching classes are found, with a hint; by order, all of them; a file of another length is one line."""
+    classes = _write(tmp_path / "classes.txt", "n01514668 cock\nn01440764 tench, Tinca tinca\n")
+    descriptors = _write(tmp_path / "d.json", json.dumps({"rooster": ["a red comb"], "tench": ["small eyes"]}))
+    argv = ["--class_names", classes, "--sources", "descriptors", "--descriptors", descriptors,
+            "--output", str(tmp_path / "c.json")]  # fmt: skip
+    by_name = describe_classes.main(argv)
+    assert by_name["unmatched"]["descriptors"] == ["cock"]
+    assert "--descriptor_keys order matches every class by position" in caplog.text
+    describe_classes.main([*argv, "--descriptor_keys", "order"])
+    assert json.loads((tmp_path / "c.json").read_text()) == {
+        "cock": ["cock, which is a red comb."], "tench": ["tench, which has small eyes."]
+    }  # fmt: skip
+    _write(tmp_path / "d.json", json.dumps({"rooster": ["a red comb"]}))
+    with pytest.raises(SystemExit):
+        run_main(describe_classes.main, "describe_classes", [*argv, "--descriptor_keys", "order"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the file has 1 keys for 2 classes" in err, err
+
+
 def test_descriptor_corpus_drives_anchor_selection(tiny_clip_dir, lt_dataset, tmp_path):
     """The built corpus is a --text_corpus like a hand-written one: run_select_anchors scores its sentences."""
     d = lt_dataset

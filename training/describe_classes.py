@@ -24,7 +24,7 @@ from transformers.utils import logging
 
 from .cli import UsageError, parse_args, run_main
 from .describe.classes import ClassEntry, read_class_list
-from .describe.descriptors import descriptor_sentences
+from .describe.descriptors import KEY_RULES, descriptor_sentences
 from .describe.llm import UNNAMED_RULES, GenerationSettings, LLMDescriber, llm_sentences
 from .describe.wikipedia import wikipedia_sentences
 from .describe.wordnet import DEFAULT_WORDNET_DIR, WordNet, synset_sentences
@@ -83,6 +83,13 @@ class DescribeArguments:
     )
     descriptors: str | None = field(
         default=None, metadata={"help": "A descriptor JSON file (class → attribute phrases), Menon & Vondrick style."}
+    )
+    descriptor_keys: str = field(
+        default="name",
+        metadata={
+            "help": "How descriptor keys find their class: 'name' (the naming rule) or 'order' (key i is class i).",
+            "choices": list(KEY_RULES),
+        },
     )
 
 
@@ -148,7 +155,7 @@ def describe(args: DescribeArguments) -> dict:
                 entries, args.wikipedia, args.wikipedia_config, args.wikipedia_max_articles
             )
         elif source == "descriptors":
-            found[source], how[source] = descriptor_sentences(entries, args.descriptors)
+            found[source], how[source] = descriptor_sentences(entries, args.descriptors, args.descriptor_keys)
         else:
             settings = GenerationSettings(
                 args.llm_max_new_tokens, args.llm_do_sample, args.llm_temperature, args.seed, args.llm_batch_size
