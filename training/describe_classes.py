@@ -23,7 +23,7 @@ from pathlib import Path
 from transformers.utils import logging
 
 from .cli import UsageError, parse_args, run_main
-from .describe.classes import ClassEntry, read_class_list
+from .describe.classes import read_class_list
 from .describe.descriptors import KEY_RULES, descriptor_sentences
 from .describe.llm import UNNAMED_RULES, GenerationSettings, LLMDescriber, llm_sentences
 from .describe.wikipedia import wikipedia_sentences
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-__all__ = ["ClassEntry", "DescribeArguments", "describe", "main", "summary"]
+__all__ = ["DescribeArguments", "describe", "main", "summary"]
 
 if __name__ == "__main__":
     run_main(main, "describe_classes")

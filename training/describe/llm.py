@@ -101,7 +101,7 @@ class LLMDescriber:
         check_causal_lm(model)
         self.model_name = model
         self.settings = settings
-        self.generator = pipeline("text-generation", model=model, device_map=None)
+        self.generator = pipeline("text-generation", model=model)
         tokenizer = self.generator.tokenizer
         if tokenizer.pad_token_id is None:  # batching pads; decoder-only models pad on the left
             tokenizer.pad_token = tokenizer.eos_token
