@@ -13,8 +13,8 @@ practitioner would otherwise use.
    later step is the same code.
 3. Stage 1, anchor selection, stage 2 and evaluation through the entry points of the CLI scripts.
 4. Baselines and peers on the same splits: zero-shot CLIP with the 80 class prompts, CLIP fine-tuned with a plain
-   linear classifier and cross-entropy, the LIFT-style peer (`run_lift`: LoRA image tower, cosine head, logit-adjusted
-   loss, 10% of VL-LTR's epochs), and VL-LTR with LoRA adapters in both stages (`--peft lora`).
+   linear classifier and cross-entropy, the LIFT-style peer (`run_lift`: AdaptFormer image tower, cosine head,
+   logit-adjusted loss, 10% of VL-LTR's epochs), and VL-LTR with LoRA adapters in both stages (`--peft lora`).
 5. One table (overall / many / medium / few top-1 and the seconds each method took), `results.json`,
    `per_class_accuracy.png`, the anchor report and the final checkpoint with its model card; then the stock
    `pipeline("image-classification")` on a few test images.
@@ -346,8 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     with _timed(seconds, "zero_shot"):
         zs_logits, zs_labels = zero_shot_logits(clip, data)
         zero_shot = long_tail_metrics(zs_logits, zs_labels, counts, THRESHOLDS)
-    # The LIFT-style peer with its defaults (LoRA r 8 on q/v, cosine head from "a photo of a {}.", logit-adjusted
-    # CE τ 1, SGD 0.01): 8 epochs, 10% of the demo's VL-LTR epochs (30 + 50), as LIFT's 10 are of the paper's 100.
+    # The LIFT-style peer with its defaults (AdaptFormer in every layer, cosine head from "a photo of a {}.",
+    # logit-adjusted CE τ 1, SGD 0.01): 8 epochs, 10% of the demo's VL-LTR epochs (30 + 50), as LIFT's 10 are of the paper's 100.
     with _timed(seconds, "lift"):
         run_lift.main(
             ["--model_name_or_path", clip, "--train_file", data["train"], "--output_dir", str(out / "lift"),
