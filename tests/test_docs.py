@@ -70,10 +70,14 @@ def test_train_on_your_data_commands_run_as_written(placeholders, tmp_path, monk
     assert len(screen) == 2, "the screen's two routes: split files, and a 🤗 imagefolder with templates only"
     for block in screen:
         cmds = commands(block)
-        assert [c[2] for c in cmds] == [f"training.{s}" for s in ("run_cvlp", "run_select_anchors", "run_lgr", "run_eval")]
+        assert [c[2] for c in cmds] == [
+            f"training.{s}" for s in ("run_cvlp", "run_select_anchors", "run_lgr", "run_eval")
+        ]
         for argv in cmds:
             run(argv, placeholders)
-    assert (tmp_path / "out" / "eval" / "metrics.json").exists() and (tmp_path / "hf" / "eval" / "metrics.json").exists()
+    assert (tmp_path / "out" / "eval" / "metrics.json").exists() and (
+        tmp_path / "hf" / "eval" / "metrics.json"
+    ).exists()
     # the quick start reads what `make demo` leaves: a classifier folder and the world's split files
     quick = blocks(section("Quick start"), "python")
     assert len(quick) == 1

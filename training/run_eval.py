@@ -25,6 +25,7 @@ uses the reference code's (>= 100, 21-99, <= 20) and `--shot_logits sum` its sum
 """
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -131,9 +132,14 @@ def main(argv: list[str] | None = None) -> dict:
         eval_args.few_shot_threshold,
     )
     model_class = VLLTRModel if eval_args.knn is not None else VLLTRForImageClassification
-    model = load_checked("--model_name_or_path", model_class.from_pretrained, model_args.model_name_or_path, **hub)
+    anchors = None
     if eval_args.knn is None:
-        require_anchors(model, model_args.model_name_or_path, alternative=", or evaluate it with --knn 5")
+        anchors = partial(
+            require_anchors, path=model_args.model_name_or_path, alternative=", or evaluate it with --knn 5"
+        )
+    model = load_checked(
+        "--model_name_or_path", model_class.from_pretrained, model_args.model_name_or_path, then=anchors, **hub
+    )
     if eval_args.explain and (eval_args.knn is not None or model.config.head_type != "lgr"):
         raise UsageError(
             "--explain needs a checkpoint with the LGR head: the FC and KNN heads have no anchor sentences."
