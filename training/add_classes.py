@@ -39,6 +39,8 @@ from .splits import read_class_names
 
 @dataclass
 class AddClassesArguments:
+    """The classes to add (their descriptions come from --text_corpus)."""
+
     class_names: str | None = field(
         default=None, metadata={"help": "The new classes: a file with one class name per line."}
     )

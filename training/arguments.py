@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ModelArguments:
+    """The checkpoint the run starts from."""
+
     model_name_or_path: str = field(
         metadata={
             "help": "Stage 1: a CLIP checkpoint, Hub name or folder (e.g. openai/clip-vit-base-patch16). Later "
@@ -25,6 +27,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    """The images and labels: split files, an iNaturalist JSON or a 🤗 dataset, and the class names."""
+
     train_file: str | None = field(
         default=None,
         metadata={
@@ -81,6 +85,8 @@ class DataArguments:
 
 @dataclass
 class CorpusArguments:
+    """The class descriptions (the text corpus) and the prompt templates."""
+
     text_corpus: str | None = field(
         default=None,
         metadata={
@@ -102,6 +108,8 @@ class CorpusArguments:
 
 @dataclass
 class AugmentationArguments:
+    """The training augmentation (reference: timm's RandAugment, random erasing)."""
+
     crop_scale_min: float = field(default=0.08, metadata={"help": "RandomResizedCrop minimum area (reference 0.08)."})
     hflip: float = field(default=0.5, metadata={"help": "Horizontal flip probability (reference 0.5)."})
     rand_augment: bool = field(default=True, metadata={"help": "RandAugment m9 (reference rand-m9-mstd0.5-inc1)."})

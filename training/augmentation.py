@@ -19,8 +19,6 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from timm.data import auto_augment as timm_auto_augment
-from timm.data import create_transform
 from torchvision import transforms
 
 REFERENCE_RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
@@ -45,6 +43,9 @@ def timm_train_transform(
 
     timm adds ColorJitter 0.4 only when no auto-augment policy is set; the reference sets one, so there is no jitter,
     and `rand_augment=False` here means no photometric augmentation at all (no jitter either)."""
+    from timm.data import auto_augment as timm_auto_augment  # here: timm is slow to import (`--help` needs none)
+    from timm.data import create_transform
+
     transform = create_transform(
         image_size,
         is_training=True,

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch.distributed as dist
 import transformers
@@ -23,9 +23,9 @@ from transformers.integrations import integration_utils
 from transformers.utils import logging
 
 from .adapters import AdapterError
+from .interrupt import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
 from .io_utils import DataError, WriteError, check_checkpoint_folder, read_user_text, unique_keys
 from .model_card import extend_history, read_history, write_history, write_model_card
-from .stage_trainer import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
 from .threads import configure_threads
 
 logger = logging.get_logger(__name__)
@@ -167,8 +167,61 @@ def check_output_is_not_an_input(parsed) -> None:
             )
 
 
+STANDARD_ARGUMENTS_TITLE = "standard 🤗 TrainingArguments (transformers), below"
+_STANDARD_ARGUMENTS_DESCRIPTION = (
+    "Every flag above is this script's own (or a TrainingArguments flag whose default the script changes); the "
+    "flags from here on are transformers' TrainingArguments with their usual defaults (see TrainingArguments in the "
+    "transformers docs)."
+)
+# TrainingArguments flags every run sets, listed with the script's own
+_FIRST_STANDARD_ARGUMENTS = ("output_dir",)
+
+
+def _group_description(dtype: type) -> str | None:
+    """The first sentence of a dataclass's own docstring (dataclasses write a signature where there is none)."""
+    doc = dtype.__dict__.get("__doc__") or ""
+    if not doc or doc.startswith(f"{dtype.__name__}("):
+        return None
+    return " ".join(doc.split()).split(". ")[0].rstrip(".") + "."
+
+
 class _Parser(HfArgumentParser):
-    """argparse prints the whole usage (hundreds of Trainer flags) before a wrong value; one line is enough."""
+    """`HfArgumentParser` with one argument group per dataclass, in the script's order, and the standard
+    `TrainingArguments` flags last under their own title, so that `--help` shows the script's flags first. argparse
+    prints the whole usage (hundreds of Trainer flags) before a wrong value; one line is enough."""
+
+    def __init__(self, dataclass_types, **kwargs):
+        self._standard_fields: list[dataclasses.Field] = []
+        super().__init__(dataclass_types, **kwargs)
+        if self._standard_fields:
+            group = self.add_argument_group(STANDARD_ARGUMENTS_TITLE, _STANDARD_ARGUMENTS_DESCRIPTION)
+            for field in self._standard_fields:
+                self._parse_dataclass_field(group, field)
+        # argparse's usage lists every flag (over a hundred lines with TrainingArguments'): the required ones suffice
+        required = " ".join(
+            f"{a.option_strings[0]} {a.metavar or a.dest.upper()}" for a in self._actions if a.required
+        )
+        self.usage = f"%(prog)s [ARGS.json] {required} [--flag VALUE ...]".replace("  ", " ")
+
+    def _add_dataclass_arguments(self, dtype):
+        # HfArgumentParser._add_dataclass_arguments, with the group per dataclass and the split of TrainingArguments
+        standard = TrainingArguments.__dataclass_fields__ if issubclass(dtype, TrainingArguments) else {}
+        title = getattr(dtype, "_argument_group_name", dtype.__name__)
+        if dtype is TrainingArguments:
+            title, description = "output", None
+        else:
+            description = _group_description(dtype)
+        group = self.add_argument_group(title, description)
+        type_hints = get_type_hints(dtype)
+        for field in dataclasses.fields(dtype):
+            if not field.init:
+                continue
+            field.type = type_hints[field.name]
+            # a field a subclass redefines (another default) is a new Field object: it belongs to the script
+            if standard.get(field.name) is field and field.name not in _FIRST_STANDARD_ARGUMENTS:
+                self._standard_fields.append(field)
+            else:
+                self._parse_dataclass_field(group, field)
 
     def error(self, message: str):
         raise UsageError(f"{message} (see --help)")

@@ -32,8 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
@@ -89,6 +87,8 @@ RULE = (
 
 @dataclass
 class CompareArguments:
+    """The methods to compare, their seeds and short schedules."""
+
     output_dir: str = field(default="compare_output", metadata={"help": "Where every run and the results go."})
     methods: str = field(default="all", metadata={"help": "Comma-separated method names, or 'all'."})
     seeds: int = field(default=3, metadata={"help": "Number of seeds; seed s runs with --seed first_seed + s."})
@@ -117,7 +117,7 @@ class CompareArguments:
     lift_epochs: float | None = field(
         default=None,
         metadata={
-            "help": "LIFT-style peer epochs; default 10% of stage-1 + stage-2 epochs (LIFT's cost), at least 1."
+            "help": "LIFT-style peer epochs; default 10%% of stage-1 + stage-2 epochs (LIFT's cost), at least 1."
         },
     )
     batch_size: int = field(default=64, metadata={"help": "Per-device batch size of every training run."})
@@ -475,6 +475,9 @@ def markdown_table(summary: dict, seconds: dict, seeds: list[int], claims: list[
 
 def plot_bars(summary: dict, per_seed: dict, path: Path) -> None:
     """Per-method bars (mean overall top-1) with each seed's value as a dot and the sample std as an error bar."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: matplotlib is slow to import
+    from matplotlib.figure import Figure
+
     names = list(summary)
     figure = Figure(figsize=(max(6, 0.8 * len(names) + 2), 4.5), dpi=120)
     FigureCanvasAgg(figure)

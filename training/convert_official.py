@@ -662,6 +662,8 @@ def compare_stage1(model: VLLTRModel, state: dict, tokenizer, num_images: int = 
 
 @dataclass
 class ConvertArguments:
+    """The official checkpoint to convert and where the converted model goes."""
+
     checkpoint: str = field(
         metadata={"help": "The official checkpoint: a release zip (its checkpoint.pth is used) or a .pth file."}
     )

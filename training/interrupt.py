@@ -1,6 +1,8 @@
 """Stopping a training run cleanly on Ctrl-C (SIGINT) or SIGTERM (a scheduler's pre-emption): the run finishes the
 optimizer step in progress, saves a checkpoint and ends with a line that says how to resume; `--resume_from_checkpoint
-last` then continues exactly where it stopped. A second signal stops at once."""
+last` then continues exactly where it stopped. A second signal stops at once. Also the errors that stop a run early
+(a non-finite loss, a failed checkpoint write), kept apart from the Trainer so that the scripts' error handling
+(`training.cli.run_main`) imports without it."""
 
 import signal
 import threading
@@ -9,9 +11,21 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from .io_utils import WriteError
+
 logger = logging.get_logger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradients became NaN or infinite: the run stops before the optimizer step, so no checkpoint
+    holds damaged weights."""
+
+
+class CheckpointWriteError(WriteError):
+    """Writing a checkpoint or the final model failed (e.g. a full disk), whatever the writer raised (`OSError`,
+    `torch.save`'s `RuntimeError`, a `SafetensorError`): the earlier checkpoints are intact."""
 
 
 class TrainingInterrupted(Exception):

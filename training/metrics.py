@@ -8,8 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from transformers.utils import logging
 
 from training.io_utils import atomic_write, atomic_write_json
@@ -276,6 +274,9 @@ def plot_per_class_accuracy(
     counts = _to_numpy(train_class_counts).reshape(-1).astype(np.float64)  # (C,)
     if (counts <= 0).any():
         logger.warning(f"{int((counts <= 0).sum())} classes have no training image; left out of the log-scale plot")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: matplotlib is slow to import
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(8, 5), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()

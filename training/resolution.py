@@ -8,7 +8,6 @@ stage (anchor selection, stage 2, evaluation, the saved image processor) reads t
 """
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from torch import nn
 from transformers.utils import logging
 
@@ -28,6 +27,8 @@ def resize_image_size(model, image_size: int) -> bool:
     old_size = embeddings.image_size
     if image_size == old_size:
         return False
+    from timm.layers import resample_abs_pos_embed  # here: timm is slow to import and only a resize needs it
+
     old_grid, new_grid = old_size // patch_size, image_size // patch_size
     weight = embeddings.position_embedding.weight  # (1 + old_grid², D)
     with torch.no_grad():

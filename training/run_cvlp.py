@@ -28,7 +28,6 @@ from .arguments import AugmentationArguments, CorpusArguments, DataArguments, Mo
 from .cli import UsageError, load_checked, parse_args, prepare_output_dir, record_run, run_main, setup_logging
 from .corpus import load_corpus
 from .cvlp_config import CVLPConfig
-from .cvlp_trainer import CVLPTrainer
 from .data import training_datasets
 from .io_utils import save_pretrained_to
 from .model_card import history_entry, schedule_settings
@@ -82,6 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
         resize_image_size(clip, image_size)
 
     # ---- Train --------------------------------------------------------------------------------------------------------
+    from .cvlp_trainer import CVLPTrainer  # here: the Trainer (and 🤗 datasets) loads after --help
+
     trainer = CVLPTrainer(
         model=model,
         args=args,

@@ -60,6 +60,8 @@ from .tta import TTA_MODES, VIEW_AVERAGE, MultiViewTransform, predict_logits_tta
 
 @dataclass
 class EvalArguments:
+    """The split to evaluate, the shot groups, test-time augmentation, the KNN head and explanations."""
+
     test_file: str | None = field(default=None, metadata={"help": "The split to evaluate (list file or JSON)."})
     test_split: str | None = field(default=None, metadata={"help": "The same, as a 🤗 dataset split name."})
     shot_thresholds: str = field(

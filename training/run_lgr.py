@@ -40,7 +40,6 @@ from .cli import (
 from .data import training_datasets
 from .io_utils import TOKENIZER_FILES, DataError, save_pretrained_to, writing
 from .lgr_config import LGRConfig
-from .lgr_trainer import LGRTrainer
 from .metrics import LongTailMetrics
 from .model_card import history_entry, schedule_settings
 from .splits import checkpoint_class_names, load_training_splits
@@ -80,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_dataset, eval_dataset, image_processor = training_datasets(train, evaluation, aug_args, image_size)
 
     # ---- Train: the trainer builds the Mixup / CutMix collator from the LGRConfig settings -----------------------------
+    from .lgr_trainer import LGRTrainer  # here: the Trainer (and 🤗 datasets) loads after --help
+
     try:
         trainer = LGRTrainer(
             model=model,

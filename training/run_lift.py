@@ -33,7 +33,6 @@ from .data import training_datasets
 from .embedding import class_text_embeddings, cosine_head_weights
 from .io_utils import save_pretrained_to
 from .lift_config import LIFTArguments, LIFTAugmentationArguments, LIFTConfig
-from .lift_trainer import LIFTTrainer
 from .metrics import LongTailMetrics
 from .model_card import history_entry, schedule_settings
 from .splits import checkpoint_class_names, load_training_splits
@@ -86,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
         add_lora(model, lift_args, towers=("vision",), seed=args.seed)
 
     # ---- Train (the head's logits, logit-adjusted in the loss; LIFT's decay and per-epoch cosine) ---------------------
+    from .lift_trainer import LIFTTrainer  # here: the Trainer (and 🤗 datasets) loads after --help
+
     trainer = LIFTTrainer(
         model=model,
         args=args,

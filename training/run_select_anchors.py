@@ -73,6 +73,8 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class AnchorArguments:
+    """The selection images, the number of anchors and how they are chosen, and the classifier head."""
+
     selection_file: str | None = field(
         default=None,
         metadata={"help": "Split scored against (reference: the LT validation split for ImageNet-LT / Places-LT)."},

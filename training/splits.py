@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import ClassLabel, load_dataset
 from PIL import Image, ImageFile
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
@@ -318,6 +317,8 @@ def _read_source(data_args: DataArguments, split_file: str | None, hf_split: str
     if not (data_args.dataset_name and hf_split):
         return None, None, None
     description = f"{data_args.dataset_name}[{hf_split}]"
+    from datasets import ClassLabel, load_dataset  # here: 🤗 datasets (with pandas, pyarrow) is slow to import
+
     try:
         dataset = load_dataset(
             data_args.dataset_name, data_args.dataset_config_name, data_dir=data_args.data_dir, split=hf_split

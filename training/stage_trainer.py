@@ -11,20 +11,10 @@ from transformers.utils import logging
 
 from .adapters import ADAPTER_DIR, AdapterError, has_adapters, load_adapter_for_resume, merged_state_dict, save_adapter
 from .data import LongTailSampler
-from .interrupt import StopOnSignal, TrainingInterrupted
+from .interrupt import CheckpointWriteError, NonFiniteLossError, StopOnSignal, TrainingInterrupted
 from .io_utils import DataError, WriteError, describe_write_failure, writing
 
 logger = logging.get_logger(__name__)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradients became NaN or infinite: the run stops before the optimizer step, so no checkpoint
-    holds damaged weights."""
-
-
-class CheckpointWriteError(WriteError):
-    """Writing a checkpoint or the final model failed (e.g. a full disk), whatever the writer raised (`OSError`,
-    `torch.save`'s `RuntimeError`, a `SafetensorError`): the earlier checkpoints are intact."""
 
 
 class _FiniteGradientGuard(TrainerCallback):
