@@ -197,6 +197,9 @@ class _Parser(HfArgumentParser):
             group = self.add_argument_group(STANDARD_ARGUMENTS_TITLE, _STANDARD_ARGUMENTS_DESCRIPTION)
             for field in self._standard_fields:
                 self._parse_dataclass_field(group, field)
+        for action in self._actions:  # argparse %-formats help: a plain "10%" would crash --help
+            if action.help:
+                action.help = re.sub(r"%[%(]?", lambda m: m[0] if len(m[0]) == 2 else "%%", action.help)
         # argparse's usage lists every flag (over a hundred lines with TrainingArguments'): the required ones suffice
         required = " ".join(
             f"{a.option_strings[0]} {a.metavar or a.dest.upper()}" for a in self._actions if a.required
