@@ -26,6 +26,7 @@ from .cli import (
     load_checked,
     parse_args,
     prepare_output_dir,
+    print_summary,
     record_run,
     run_main,
     setup_logging,
@@ -116,6 +117,16 @@ def main(argv: list[str] | None = None) -> dict:
         args.output_dir, model_args.model_name_or_path, entry, model.config, args, args.push_to_hub,
         f"VL-LTR: {len(names)} class(es) added from text",
     )  # fmt: skip
+    print_summary(
+        f"add_classes: {len(names)} class(es) added to {model_args.model_name_or_path} from text",
+        [
+            f"{num_before} -> {model.config.num_labels} classes; new: "
+            + ", ".join(f"{c}: {model.config.id2label[c]!r} ({len(anchors[c])} anchors)" for c in new_ids[:10])
+            + (", ..." if len(new_ids) > 10 else ""),
+            f"their anchors: {args.output_dir}/added_classes.json",
+        ],
+        args.output_dir,
+    )
     return {"new_labels": new_ids, **results}
 
 

@@ -321,6 +321,37 @@ def require_anchors(model, path: str, alternative: str = "") -> None:
         )
 
 
+def print_summary(title: str, lines: list[str], folder: str | os.PathLike) -> None:
+    """What a script did, printed on stdout (the log may be silenced or scrolled away): `title`, the headline `lines`
+    and the folder it wrote. Scripts call it last, from the main process only."""
+    text = "\n".join([f"{title}:", *(f"  {line}" for line in lines), f"  wrote {folder}"])
+    print(f"\n{text}", flush=True)
+
+
+def percent(fraction: float | None) -> str:
+    """An accuracy fraction as the summaries print it: `0.6123` -> `61.23%`; NaN (a group with no class) -> `n/a`."""
+    return "n/a" if fraction is None or math.isnan(fraction) else f"{100 * fraction:.2f}%"
+
+
+def training_lines(train_result, log_history: list[dict]) -> list[str]:
+    """A trainer's summary: its steps, the mean training loss of the run and the last logged one."""
+    line = f"{train_result.global_step} optimizer steps; train loss {train_result.training_loss:.4f} (mean of the run)"
+    logged = [entry for entry in log_history if "loss" in entry]
+    if logged:
+        line += f", {logged[-1]['loss']:.4f} at the last log (step {logged[-1]['step']})"
+    return [line]
+
+
+def evaluation_lines(results: dict) -> list[str]:
+    """The evaluation split's loss and top-1 from a trainer's results (`eval_*` keys), when it had one."""
+    shown = {key: value for key, value in results.items() if key in ("eval_loss", "eval_top1")}
+    if not shown:
+        return []
+    values = [f"loss {shown['eval_loss']:.4f}" if "eval_loss" in shown else None]
+    values.append(f"top-1 {percent(shown['eval_top1'])}" if "eval_top1" in shown else None)
+    return ["evaluation split: " + ", ".join(v for v in values if v)]
+
+
 def setup_logging(training_args) -> None:
     level = training_args.get_process_log_level()
     logging.set_verbosity(level)

@@ -66,7 +66,7 @@ from modeling_vlltr import VLLTRConfig, VLLTRForImageClassification, VLLTRModel
 from modeling_vlltr.configuration_vlltr import DEFAULT_FUSION_ALPHA
 
 from . import official_reference as reference
-from .cli import UsageError, load_checked, parse_args, prepare_output_dir, record_run, run_main
+from .cli import UsageError, load_checked, parse_args, prepare_output_dir, print_summary, record_run, run_main
 from .data import eval_image_processor
 from .io_utils import DataError, save_pretrained_to
 from .model_card import history_entry
@@ -857,7 +857,17 @@ def main(argv: list[str] | None = None) -> dict:
     ):
         entry["reported"] = {"dataset": dataset, **REPORTED_VIT_B16[dataset]}
     record_run(out, args.clip, entry, model.config, args, args.push_to_hub, "Convert an official VL-LTR checkpoint")
-    print(f"Wrote {out}")
+    verified = (
+        "verified against the official forward: largest difference "
+        + ", ".join(f"{name} {value:.2e}" for name, value in diffs.items())
+        if args.verify
+        else "not verified (--verify True compares it with the official forward first)"
+    )
+    print_summary(
+        f"convert_official: {record['architecture']} ({dataset or 'dataset unknown'}) from {args.checkpoint}",
+        [verified],
+        out,
+    )
     return {"architecture": record["architecture"], "dataset": dataset, **results}
 
 

@@ -25,7 +25,18 @@ from modeling_vlltr import VLLTRConfig, VLLTRModel
 
 from .adapters import ADAPTER_DIR, AdapterArguments, adapter_settings, add_lora, save_adapter
 from .arguments import AugmentationArguments, CorpusArguments, DataArguments, ModelArguments
-from .cli import UsageError, load_checked, parse_args, prepare_output_dir, record_run, run_main, setup_logging
+from .cli import (
+    UsageError,
+    evaluation_lines,
+    load_checked,
+    parse_args,
+    prepare_output_dir,
+    print_summary,
+    record_run,
+    run_main,
+    setup_logging,
+    training_lines,
+)
 from .corpus import load_corpus
 from .cvlp_config import CVLPConfig
 from .data import training_datasets
@@ -125,6 +136,12 @@ def main(argv: list[str] | None = None) -> dict:
             args.output_dir, model_args.model_name_or_path, entry, model.config, args, push_to_hub,
             "VL-LTR stage 1 (class-wise visual-linguistic pre-training)",
         )  # fmt: skip
+        trained = f"{len(train_dataset)} images of {len(class_names)} classes, {len(corpus.sentences)} sentences"
+        print_summary(
+            f"run_cvlp: stage 1 (CVLP) of {model_args.model_name_or_path} on {trained}",
+            training_lines(train_result, trainer.state.log_history) + evaluation_lines(results),
+            args.output_dir,
+        )
     return results
 
 

@@ -39,7 +39,9 @@ from .cli import (
     UsageError,
     load_checked,
     parse_args,
+    percent,
     prepare_output_dir,
+    print_summary,
     push_folder,
     record_run,
     require_anchors,
@@ -52,7 +54,7 @@ from .embedding import embed_images, predict_logits
 from .explain import explain_examples, explanation_figure, explanation_report, pick_examples
 from .io_utils import atomic_write_json, atomic_write_npz, atomic_write_text
 from .knn import knn_scores
-from .metrics import ShotThresholds, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
+from .metrics import SHOT_GROUPS, ShotThresholds, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
 from .model_card import history_entry
 from .splits import checkpoint_class_names, load_labelled_split
 from .tta import TTA_MODES, VIEW_AVERAGE, MultiViewTransform, predict_logits_tta
@@ -253,7 +255,27 @@ def main(argv: list[str] | None = None) -> dict:
         record_run(checkpoint, checkpoint, entry, model.config, args)
     if args.push_to_hub:
         push_folder(checkpoint, args, f"VL-LTR evaluated: top-1 {metrics['top1']:.4f}")
+    if args.process_index == 0:
+        print_summary(
+            f"run_eval: {report['head']} head of {checkpoint} on {report['test_file']}", _summary(report), out_dir
+        )
     return report
+
+
+def _summary(report: dict) -> list[str]:
+    """Top-1 / top-5 and the shot groups, with the number of classes and the training-image bounds of each."""
+    many, few = (">=", "<=") if report["thresholds"]["inclusive"] else (">", "<")
+    bounds = {"many": f"{many} {report['thresholds']['many']}", "few": f"{few} {report['thresholds']['few']}"}
+    bounds["medium"] = "between"
+    groups = ", ".join(
+        f"{group} {percent(report[f'{group}_top1'])} ({report[f'num_{group}_classes']} classes, {bounds[group]})"
+        for group in SHOT_GROUPS
+    )
+    lines = [f"top-1 {percent(report['top1'])}, top-5 {percent(report['top5'])} on {report['num_test_images']} images"]
+    return lines + [
+        f"shot groups by training images: {groups}",
+        "per class: metrics.json; every prediction: predictions.npz",
+    ]
 
 
 if __name__ == "__main__":

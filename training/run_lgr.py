@@ -29,13 +29,16 @@ from .adapters import ADAPTER_DIR, AdapterArguments, adapter_settings, add_lora,
 from .arguments import AugmentationArguments, DataArguments, ModelArguments
 from .cli import (
     UsageError,
+    evaluation_lines,
     load_checked,
     parse_args,
     prepare_output_dir,
+    print_summary,
     record_run,
     require_anchors,
     run_main,
     setup_logging,
+    training_lines,
 )
 from .data import training_datasets
 from .io_utils import TOKENIZER_FILES, DataError, save_pretrained_to, writing
@@ -138,6 +141,12 @@ def main(argv: list[str] | None = None) -> dict:
             args.output_dir, model_args.model_name_or_path, entry, model.config, args, push_to_hub,
             "VL-LTR stage 2 (language-guided recognition)",
         )  # fmt: skip
+        print_summary(
+            f"run_lgr: stage 2 ({model.config.head_type} head) of {model_args.model_name_or_path} on "
+            f"{len(train_dataset)} images of {train.num_classes} classes",
+            training_lines(train_result, trainer.state.log_history) + evaluation_lines(results),
+            args.output_dir,
+        )
     return results
 
 

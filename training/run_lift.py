@@ -27,7 +27,17 @@ from modeling_vlltr import VLLTRConfig, VLLTRForImageClassification
 
 from .adapters import ADAPTER_DIR, adapter_settings, adaptformer_bottleneck, add_lora, save_adapter
 from .arguments import DataArguments, ModelArguments
-from .cli import load_checked, parse_args, prepare_output_dir, record_run, run_main, setup_logging
+from .cli import (
+    evaluation_lines,
+    load_checked,
+    parse_args,
+    prepare_output_dir,
+    print_summary,
+    record_run,
+    run_main,
+    setup_logging,
+    training_lines,
+)
 from .corpus import lift_prompts
 from .data import training_datasets
 from .embedding import class_text_embeddings, cosine_head_weights
@@ -127,6 +137,12 @@ def main(argv: list[str] | None = None) -> dict:
             args.output_dir, model_args.model_name_or_path, entry, model.config, args, push_to_hub,
             f"LIFT peer ({tower} image tower, cosine head from text, logit-adjusted loss)",
         )  # fmt: skip
+        print_summary(
+            f"run_lift: LIFT peer of {model_args.model_name_or_path} on {len(train_dataset)} images of "
+            f"{train.num_classes} classes",
+            training_lines(train_result, trainer.state.log_history) + evaluation_lines(results),
+            args.output_dir,
+        )
     return results
 
 

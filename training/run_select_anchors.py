@@ -56,6 +56,7 @@ from .cli import (
     load_new_head,
     parse_args,
     prepare_output_dir,
+    print_summary,
     record_run,
     run_main,
     setup_logging,
@@ -305,6 +306,23 @@ def main(argv: list[str] | None = None) -> dict:
         args.output_dir, model_args.model_name_or_path, entry, classifier.config, args, args.push_to_hub,
         "VL-LTR anchors (anchor sentence selection)",
     )  # fmt: skip
+    kept = mask.sum(dim=1)  # (C,) anchors kept per class
+    fewest, low, high = int(kept.argmin()), int(kept.min()), int(kept.max())
+    print_summary(
+        f"run_select_anchors: {anchor_args.anchor_selection} anchors for {len(corpus.class_names)} classes of "
+        f"{model_args.model_name_or_path}",
+        [
+            f"{len(corpus.sentences)} sentences scored on {len(dataset)} selection images; anchors kept per class: "
+            + (
+                f"{low} (M)"
+                if low == high
+                else f"{low} to {high} (M = {anchor_args.num_anchor_sentences}; fewest: "
+                f"{corpus.class_names[fewest]!r})"
+            ),
+            f"every class's kept and least visual sentences: {args.output_dir}/anchor_report.md",
+        ],
+        args.output_dir,
+    )
     return results
 
 
@@ -334,6 +352,11 @@ def _fc_classifier(model_args: ModelArguments, selection, anchor_args: AnchorArg
         args.output_dir, model_args.model_name_or_path, entry, classifier.config, args, args.push_to_hub,
         "VL-LTR FC head (the paper's FC ablation)",
     )  # fmt: skip
+    print_summary(
+        f"run_select_anchors: FC head for {len(id2label)} classes on {model_args.model_name_or_path}",
+        ["no anchors (the FC head has none); train it with run_lgr"],
+        args.output_dir,
+    )
     return results
 
 
