@@ -5,12 +5,22 @@ import contextlib
 import io
 import json
 import re
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
+from modeling_vlltr import VLLTRForImageClassification
 from training import add_classes, run_cvlp, run_eval, run_lgr, run_select_anchors
-from training.cli import percent
-from training.model_card import read_history
+from training.anchors import description_counts, description_summary
+from training.arguments import DataArguments
+from training.cli import UsageError, load_new_head, percent
+from training.io_utils import DataError
+from training.model_card import read_history, trained_by
+from training.splits import resolve_class_names
 
 FAST = ["--use_cpu", "--report_to", "none", "--disable_tqdm", "True", "--seed", "0", "--logging_steps", "1"]
 M = 6
@@ -120,3 +130,105 @@ def test_add_classes_prints_the_new_classes(runs, lt_dataset, tmp_path):
 
 def test_percent_formats_fractions_and_missing_groups():
     assert percent(0.61234) == "61.23%" and percent(float("nan")) == "n/a" and percent(None) == "n/a"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Messages that point to the fix
+# ----------------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT = ["t-shirt", "trouser", "ankle boot"]
+
+
+def test_class_order_from_a_hf_dataset_names_imagefolder_and_both_fixes():
+    data_args = DataArguments(dataset_name="imagefolder")
+    alphabetical = sorted(CHECKPOINT)  # what imagefolder's ClassLabel gives
+    with pytest.raises(DataError) as error:
+        resolve_class_names(data_args, alphabetical, CHECKPOINT, "imagefolder[train]")
+    text = str(error.value)
+    assert "label 0 is 't-shirt' in the checkpoint but 'ankle boot' in the data (imagefolder[train])" in text
+    assert "imagefolder numbers its class folders alphabetically" in text
+    assert "id2label" in text and "rename the folders" in text  # relabel in the checkpoint's order ...
+    assert "run_cvlp --model_name_or_path openai/clip-vit-base-patch16" in text  # ... or retrain from the base CLIP
+
+
+def test_class_order_from_a_class_names_file_says_which_line_and_both_fixes(tmp_path):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("trouser\nt-shirt\nankle boot\n")
+    with pytest.raises(DataError) as error:
+        resolve_class_names(DataArguments(class_names=str(classes)), None, CHECKPOINT)
+    text = str(error.value)
+    assert f"label 0 is 't-shirt' in the checkpoint but 'trouser' in the data (--class_names {classes})" in text
+    assert f"line i of {classes} names label i" in text and "list the names in that order" in text
+    assert "run the pipeline again from the base CLIP" in text
+
+
+def test_other_class_names_are_not_called_another_order(tmp_path):
+    with pytest.raises(DataError) as error:
+        resolve_class_names(DataArguments(), ["cat", "dog", "bird"], CHECKPOINT, "the split")
+    text = str(error.value)
+    assert "another order" not in text and "Use the checkpoint trained on this data" in text
+
+
+def test_a_used_folder_is_refused_naming_the_script_that_trained_it(runs, lt_dataset):
+    out, _ = runs
+    history = read_history(out / "stage2")
+    assert history[-1]["script"] == "run_eval"  # the evaluation recorded its results there last
+    assert trained_by(history) == "run_lgr"
+    argv = ["--model_name_or_path", str(out / "anchors"), "--train_file", lt_dataset["train"],
+            "--image_root", lt_dataset["root"], "--output_dir", str(out / "stage2"), *FAST]  # fmt: skip
+    with pytest.raises(UsageError, match=r"already holds a run from run_lgr \(evaluated since by run_eval\)"):
+        run_lgr.main(argv)
+
+
+def test_a_new_head_is_announced_in_one_line_without_the_missing_report(tiny_clip_dir, capfd, caplog):
+    capfd.readouterr()
+    model = load_new_head(VLLTRForImageClassification.from_pretrained, tiny_clip_dir, head_type="fc", num_labels=3)
+    err = capfd.readouterr().err
+    assert model.classifier.weight.shape[0] == 3
+    assert f"New fc classification head for 3 classes, initialised randomly: {tiny_clip_dir} has none" in caplog.text
+    assert "LOAD REPORT" not in err + caplog.text and "MISSING" not in err + caplog.text
+
+
+def test_a_new_head_still_reports_missing_backbone_weights(tiny_clip_dir, tmp_path, caplog):
+    folder = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    dropped = next(k for k in weights if k.endswith("final_layer_norm.weight"))
+    save_file(
+        {k: v for k, v in weights.items() if k != dropped}, folder / "model.safetensors", metadata={"format": "pt"}
+    )
+    load_new_head(VLLTRForImageClassification.from_pretrained, str(folder), head_type="fc", num_labels=3)
+    assert "New fc classification head" in caplog.text
+    assert "weights missing from the checkpoint ['clip." in caplog.text and dropped in caplog.text
+
+
+def test_anchor_report_and_summary_count_the_users_descriptions(runs, lt_dataset):
+    out, printed = runs
+    descriptions = json.loads(Path(lt_dataset["corpus"]).read_text())
+    record = json.loads((out / "anchors" / "anchors.json").read_text())
+    kept = {c["name"]: sum(a["sentence"] in descriptions[c["name"]] for a in c["anchors"]) for c in record["classes"]}
+    report = (out / "anchors" / "anchor_report.md").read_text()
+    for c in record["classes"]:
+        own, total = kept[c["name"]], len(descriptions[c["name"]])
+        heading = f"## {c['label']}: {c['name']}\n\nKept anchors ({len(c['anchors'])} of {80 + total} sentences; "
+        assert f"{heading}{own} of its {total} own descriptions, {len(c['anchors']) - own} templates)" in report
+    line = f"{sum(kept.values())} of the {sum(map(len, descriptions.values()))} own descriptions kept as anchors"
+    assert line in report and "--use_templates False" in report
+    summary = _summary(printed["run_select_anchors"], "run_select_anchors")
+    assert line in summary and "--use_templates False selects from them alone" in summary
+    none = [name for name, k in kept.items() if k == 0]
+    if none:
+        assert f"{len(none)} class(es) keep none of theirs ({', '.join(map(repr, none[:5]))}" in summary
+
+
+def test_description_counts_against_a_loop():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    from_template = np.array([True, False, False, True, True, False, True])
+    indices = torch.tensor([[0, 2], [3, 5]])
+    mask = torch.tensor([[True, True], [True, False]])
+    kept, total = description_counts(labels, indices, mask, from_template)
+    for c in range(2):
+        chosen = indices[c][mask[c]].tolist()
+        assert kept[c] == sum(not from_template[i] for i in chosen)
+        assert total[c] == sum(1 for i, y in enumerate(labels.tolist()) if y == c and not from_template[i])
+    assert "'1'" not in description_summary(kept, total, ["0", "1"]) or kept[1] == 0

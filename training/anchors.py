@@ -188,6 +188,33 @@ def select_anchors(
     return indices, mask
 
 
+BALANCE_ADVICE = (
+    "the prompt templates compete with the descriptions for the M anchors of each class: --use_templates False "
+    "selects from the descriptions alone, --num_anchor_sentences sets M"
+)
+
+
+def description_counts(text_labels, indices, mask, from_template) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, how many of its own descriptions (sentences that are not prompt templates) were kept as anchors,
+    and how many it has: two (C,) integer arrays."""
+    text_labels = np.asarray(torch.as_tensor(text_labels).cpu()).reshape(-1)  # (N_t,)
+    own = ~np.asarray(from_template, dtype=bool)  # (N_t,)
+    indices, mask = np.asarray(torch.as_tensor(indices).cpu()), np.asarray(torch.as_tensor(mask).cpu())  # (C, M)
+    total = np.bincount(text_labels[own], minlength=indices.shape[0])
+    kept = np.array([int(own[indices[c][mask[c]]].sum()) for c in range(indices.shape[0])], dtype=np.int64)
+    return kept, total
+
+
+def description_summary(kept: np.ndarray, total: np.ndarray, class_names: Sequence[str]) -> str:
+    """One sentence on the descriptions kept over all classes, naming (a few of) the classes that keep none."""
+    none = [class_names[c] for c in range(len(class_names)) if total[c] > 0 and kept[c] == 0]
+    text = f"{int(kept.sum())} of the {int(total.sum())} own descriptions kept as anchors"
+    if none:
+        named = ", ".join(repr(name) for name in none[:5]) + (", ..." if len(none) > 5 else "")
+        text += f"; {len(none)} class(es) keep none of theirs ({named})"
+    return text
+
+
 def anchor_report(
     class_names: Sequence[str],
     sentences: Sequence[str],
@@ -196,11 +223,14 @@ def anchor_report(
     indices: torch.Tensor,
     mask: torch.Tensor,
     num_worst: int = 5,
+    from_template=None,
 ) -> str:
     """A Markdown report of the selection: per class, the kept anchors and the `num_worst` highest-scoring sentences
     that were not kept, with their L_lin scores (like the paper's "lion" example: visual sentences score low).
 
     Without `scores` (cutoff / random selection) it lists the kept anchors without numbers and no worst sentences.
+    With `from_template` ((N_t,) bool: which sentences are prompt templates) each class also says how many of its
+    own descriptions were kept against the templates, and the header how to change that balance.
     """
     text_labels = torch.as_tensor(text_labels).cpu().long().reshape(-1)  # (N_t,)
     indices, mask = torch.as_tensor(indices).cpu(), torch.as_tensor(mask).cpu()  # (C, M)
@@ -226,10 +256,19 @@ def anchor_report(
         header += "Score = L_lin of the sentence against the selection images: lower is more visual.\n"
     else:
         header += "No scores: the sentences were not ranked.\n"
+    own = None
+    if from_template is not None and np.asarray(from_template).any():
+        own = description_counts(text_labels, indices, mask, from_template)
+        header += f"\n{description_summary(*own, class_names)}: {BALANCE_ADVICE}.\n"
     parts = [header]
     for label, name in enumerate(class_names):
         kept = indices[label][mask[label]].tolist()
-        parts.append(f"\n## {label}: {name}\n\nKept anchors ({len(kept)} of {len(by_class[label])} sentences):\n\n")
+        mix = ""
+        if own is not None:
+            mix = f"; {own[0][label]} of its {own[1][label]} own descriptions, {len(kept) - own[0][label]} templates"
+        parts.append(
+            f"\n## {label}: {name}\n\nKept anchors ({len(kept)} of {len(by_class[label])} sentences{mix}):\n\n"
+        )
         parts.extend(line(rank, index) + "\n" for rank, index in enumerate(kept, start=1))
         if score_list is not None and num_worst > 0:
             kept_set = set(kept)
@@ -363,6 +402,7 @@ def restrict_to_classes(corpus, tokens, image_labels, class_ids: Sequence[int]):
         [corpus.class_names[c] for c in class_ids],
         [corpus.sentences[i] for i in keep.tolist()],
         np.array([remap[int(labels[i])] for i in keep], dtype=np.int64),
+        from_template=None if corpus.from_template is None else np.asarray(corpus.from_template)[keep],
     )
     index = torch.as_tensor(keep, dtype=torch.long)
     sub_tokens = TokenizedCorpus(tokens.input_ids[index], tokens.attention_mask[index], 0)

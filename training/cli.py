@@ -25,7 +25,14 @@ from transformers.utils import logging
 from .adapters import AdapterError
 from .interrupt import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
 from .io_utils import DataError, WriteError, check_checkpoint_folder, read_user_text, unique_keys
-from .model_card import extend_history, read_history, write_history, write_model_card
+from .model_card import (
+    READ_ONLY_SCRIPTS,
+    extend_history,
+    read_history,
+    trained_by,
+    write_history,
+    write_model_card,
+)
 from .threads import configure_threads
 
 logger = logging.get_logger(__name__)
@@ -360,20 +367,36 @@ def setup_logging(training_args) -> None:
     logging.get_logger("modeling_vlltr").setLevel(level)
 
 
-def load_new_head(loader: Callable, path: str, **kwargs):
-    """`loader(path, **kwargs)` for a checkpoint that lacks the weights of a head we are about to create: the
-    transformers LOAD REPORT that lists them as MISSING is expected here, so it is replaced by one line."""
-    previous = logging.get_verbosity()
-    logging.set_verbosity_error()
+def load_new_head(
+    loader: Callable, path: str, *, init: str = "randomly", what: str = "--model_name_or_path", **kwargs
+):
+    """`load_checked(what, loader, path, **kwargs)` for a checkpoint without the head about to be created (a CLIP or
+    a stage-1 model given a classifier). transformers' LOAD REPORT lists the new weights as MISSING ("Consider
+    training on your downstream task"), read as an error although it is the point here: that report is held back for
+    this one call and replaced by one line naming the head and how it starts (`init`). Weights missing from the CLIP
+    backbone, unexpected or mismatched ones are still reported, as a warning naming them."""
+    report = logging.get_logger("transformers.modeling_utils")  # the logger that prints the LOAD REPORT
+    previous = report.level
+    report.setLevel(logging.ERROR)
     try:
-        model, info = loader(path, output_loading_info=True, **kwargs)
+        model, info = load_checked(what, loader, path, output_loading_info=True, **kwargs)
     finally:
-        logging.set_verbosity(previous)
-    if info["missing_keys"]:
-        logger.info(f"New (randomly initialised) weights, not in {path}: {sorted(info['missing_keys'])}")
+        report.setLevel(previous)
+    missing = sorted(info["missing_keys"])
+    backbone = [k for k in missing if k.startswith("clip.")]  # the CLIP itself: never expected to be missing
+    adapters = [k for k in missing if k.startswith("adaptformer.")]
+    if len(backbone) + len(adapters) < len(missing):
+        extra = " and AdaptFormer adapters" if adapters else ""
+        logger.warning(
+            f"New {model.config.head_type} classification head for {model.config.num_labels} classes{extra}, "
+            f"initialised {init}: {path} has none, as expected."
+        )
     unexpected = [k for k in info["unexpected_keys"] if not k.startswith("clip.")]
-    if info["mismatched_keys"] or unexpected:
-        logger.warning(f"{path}: unexpected {unexpected}, mismatched {info['mismatched_keys']}")
+    if backbone or info["mismatched_keys"] or unexpected:
+        logger.warning(
+            f"{path}: weights missing from the checkpoint {backbone}, unexpected {unexpected}, mismatched "
+            f"{info['mismatched_keys']}"
+        )
     return model
 
 
@@ -515,8 +538,10 @@ def prepare_output_dir(training_args, script: str) -> str | None:
         held = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
         owner = ""
         history = read_history(out)
-        if history:
-            owner = f" from {history[-1].get('script', 'an earlier run')}"
+        if history:  # the script that trained the model there: run_eval records its results in the same history
+            owner = f" from {trained_by(history) or 'an earlier run'}"
+            if history[-1].get("script") in READ_ONLY_SCRIPTS:
+                owner += f" (evaluated since by {history[-1]['script']})"
         raise UsageError(
             f"--output_dir {out} already holds a run{owner} ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}). "
             f"Pass --resume_from_checkpoint last to continue it, --overwrite_output_dir to write over it, or choose "

@@ -142,6 +142,7 @@ class ClassCorpus:
     sentences: list[str]
     labels: np.ndarray  # (N,) class id of each sentence
     stats: dict[str, int] = field(default_factory=dict)
+    from_template: np.ndarray | None = None  # (N,) whether each sentence is a prompt template (not a description)
 
     @property
     def offsets(self) -> np.ndarray:
@@ -246,13 +247,13 @@ def build_class_corpus(
                 f"{text_corpus}: {len(missing)} class(es) have no sentences, e.g. {names}. Add descriptions, or pass "
                 f"--text_corpus templates to train on the prompt templates alone."
             )
-    sentences, labels = [], []
+    sentences, labels, from_template = [], [], []
     stats = {"empty_dropped": 0, "duplicates_removed": 0, "template_sentences": 0}
     for c, name in enumerate(class_names):
         pool = [t.format(name) for t in IMAGENET_TEMPLATES] if use_templates else []
         stats["template_sentences"] += len(pool)
         seen = set()
-        for sentence in pool + by_class.get(c, []):
+        for k, sentence in enumerate(pool + by_class.get(c, [])):
             sentence = " ".join(sentence.split())
             if not sentence:
                 stats["empty_dropped"] += 1
@@ -262,12 +263,15 @@ def build_class_corpus(
                 seen.add(sentence)
                 sentences.append(sentence)
                 labels.append(c)
+                from_template.append(k < len(pool))
     if stats["empty_dropped"] or stats["duplicates_removed"]:
         logger.warning(
             f"Text corpus: dropped {stats['empty_dropped']} empty sentence(s) and removed "
             f"{stats['duplicates_removed']} duplicate(s) within a class."
         )
-    corpus = ClassCorpus(list(class_names), sentences, np.array(labels, dtype=np.int64), stats)
+    corpus = ClassCorpus(
+        list(class_names), sentences, np.array(labels, dtype=np.int64), stats, np.array(from_template, dtype=bool)
+    )
     logger.info(f"Text corpus: {len(sentences)} sentences for {len(class_names)} classes.")
     return corpus
 

@@ -77,6 +77,15 @@ def read_history(folder: str | os.PathLike) -> list[dict]:
         return []
 
 
+# Scripts that record their results in a checkpoint's history without changing its weights
+READ_ONLY_SCRIPTS = ("run_eval",)
+
+
+def trained_by(history: list[dict]) -> str | None:
+    """The script that wrote the weights of the folder whose history this is (the last entry, evaluations aside)."""
+    return next((e.get("script") for e in reversed(history) if e.get("script") not in READ_ONLY_SCRIPTS), None)
+
+
 def write_history(folder: str | os.PathLike, history: list[dict]) -> None:
     atomic_write_json(Path(folder) / HISTORY_FILE, history)
 

@@ -30,6 +30,7 @@ from .arguments import DataArguments, ModelArguments
 from .cli import (
     evaluation_lines,
     load_checked,
+    load_new_head,
     parse_args,
     prepare_output_dir,
     print_summary,
@@ -73,10 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
         adaptformer_dim = lift_args.adapter_dim or adaptformer_bottleneck(len(class_names), vision.num_hidden_layers)
     id2label = dict(enumerate(class_names))
     set_seed(args.seed)  # the adapters' random initialisation (W_down) is a function of --seed
-    model = load_checked(
-        "--model_name_or_path",
+    model = load_new_head(
         VLLTRForImageClassification.from_pretrained,
         model_args.model_name_or_path,
+        init="from the class prompts' text embeddings",
         head_type="cosine",
         cosine_scale=lift_args.cosine_scale,
         classifier_feature=lift_args.classifier_feature,

@@ -42,9 +42,12 @@ from modeling_vlltr import VLLTRConfig, VLLTRForImageClassification, VLLTRModel
 from modeling_vlltr.configuration_vlltr import DEFAULT_FUSION_ALPHA
 
 from .anchors import (
+    BALANCE_ADVICE,
     STRATEGIES,
     anchor_report,
     anchors_record,
+    description_counts,
+    description_summary,
     embed_and_select_anchors,
     replace_class_anchors,
     restrict_to_classes,
@@ -268,7 +271,11 @@ def main(argv: list[str] | None = None) -> dict:
         replace_class_anchors(classifier, chosen, anchors, mask, anchor_sentences)
     else:
         classifier = load_new_head(
-            VLLTRForImageClassification.from_pretrained, model_args.model_name_or_path, config=classifier_config, **hub
+            VLLTRForImageClassification.from_pretrained,
+            model_args.model_name_or_path,
+            init="randomly, with the anchors selected here",
+            config=classifier_config,
+            **hub,
         )
         classifier.set_anchor_embeddings(anchors, mask)
         classifier.set_anchor_sentences(anchor_sentences)
@@ -281,8 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     atomic_write_json(f"{args.output_dir}/anchors.json", record)
     report = anchor_report(
-        corpus.class_names, corpus.sentences, corpus.labels, scores, indices, mask, num_worst=anchor_args.report_worst
-    )
+        corpus.class_names, corpus.sentences, corpus.labels, scores, indices, mask,
+        num_worst=anchor_args.report_worst, from_template=corpus.from_template,
+    )  # fmt: skip
     atomic_write_text(f"{args.output_dir}/anchor_report.md", report)
 
     results = {"num_sentences": len(corpus.sentences), "num_selection_images": len(dataset)}
@@ -308,6 +316,13 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     kept = mask.sum(dim=1)  # (C,) anchors kept per class
     fewest, low, high = int(kept.argmin()), int(kept.min()), int(kept.max())
+    lines = []
+    if corpus.from_template is not None and corpus.from_template.any() and not corpus.from_template.all():
+        own_kept, own_total = description_counts(corpus.labels, indices, mask, corpus.from_template)
+        summary = description_summary(own_kept, own_total, corpus.class_names)
+        log = logger.warning if ((own_kept == 0) & (own_total > 0)).any() else logger.info
+        log(f"Anchors: {summary}; {BALANCE_ADVICE} (per class: {args.output_dir}/anchor_report.md).")
+        lines.append(f"{summary} (--use_templates False selects from them alone)")
     print_summary(
         f"run_select_anchors: {anchor_args.anchor_selection} anchors for {len(corpus.class_names)} classes of "
         f"{model_args.model_name_or_path}",
@@ -319,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
                 else f"{low} to {high} (M = {anchor_args.num_anchor_sentences}; fewest: "
                 f"{corpus.class_names[fewest]!r})"
             ),
+            *lines,
             f"every class's kept and least visual sentences: {args.output_dir}/anchor_report.md",
         ],
         args.output_dir,

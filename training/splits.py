@@ -273,12 +273,39 @@ def resolve_class_names(
                 f"The checkpoint has {len(checkpoint_names)} classes but the data has {len(names)}; "
                 f"use the checkpoint trained on this dataset."
             )
-        first = next(i for i, (a, b) in enumerate(zip(checkpoint_names, names)) if a != b)
-        raise DataError(
-            f"The checkpoint's classes differ from the data's: label {first} is {checkpoint_names[first]!r} in the "
-            f"checkpoint but {names[first]!r} in the data."
-        )
+        raise DataError(_class_order_message(list(checkpoint_names), list(names), data_args, source))
     return list(names)
+
+
+_RETRAIN = (
+    "run the pipeline again from the base CLIP on this data (run_cvlp --model_name_or_path "
+    "openai/clip-vit-base-patch16 ...), so that every stage takes this data's order"
+)
+
+
+def _class_order_message(checkpoint_names: list[str], names: list[str], data_args: DataArguments, source: str) -> str:
+    """The class-list mismatch, its likely cause and the fixes: the labels are numbers, so the same classes in
+    another order would silently train or score every image against the wrong class."""
+    first = next(i for i, (a, b) in enumerate(zip(checkpoint_names, names)) if a != b)
+    where = f"--class_names {data_args.class_names}" if data_args.class_names else source
+    text = (
+        f"The checkpoint's classes differ from the data's: label {first} is {checkpoint_names[first]!r} in the "
+        f"checkpoint but {names[first]!r} in the data ({where})."
+    )
+    if sorted(checkpoint_names) != sorted(names):
+        return f"{text} Use the checkpoint trained on this data, or {_RETRAIN}."
+    if data_args.class_names:
+        return (
+            f"{text} The same classes in another order: line i of {data_args.class_names} names label i. If the "
+            f"split's label numbers follow the checkpoint's order, list the names in that order (the checkpoint's "
+            f"config.json id2label); otherwise {_RETRAIN}."
+        )
+    return (
+        f"{text} The same classes in another order: a 🤗 dataset such as imagefolder numbers its class folders "
+        f"alphabetically, whatever order the checkpoint was trained in. Relabel the data in the checkpoint's order "
+        f"(its config.json id2label: e.g. rename the folders 00_<name>, 01_<name>, ... so that their alphabetical "
+        f"order is the checkpoint's, or write split files with a --class_names file in that order), or {_RETRAIN}."
+    )
 
 
 def check_labels(source, num_classes: int, description: str = "", label_column: str = "label") -> np.ndarray:
