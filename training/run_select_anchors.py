@@ -322,6 +322,10 @@ def main(argv: list[str] | None = None) -> dict:
         summary = description_summary(own_kept, own_total, corpus.class_names)
         log = logger.warning if ((own_kept == 0) & (own_total > 0)).any() else logger.info
         log(f"Anchors: {summary}; {BALANCE_ADVICE} (per class: {args.output_dir}/anchor_report.md).")
+        for c, name in enumerate(corpus.class_names):
+            logger.info(
+                f"Anchors of {name!r}: {own_kept[c]} of its {own_total[c]} own descriptions, of {int(kept[c])}."
+            )
         lines.append(f"{summary} (--use_templates False selects from them alone)")
     print_summary(
         f"run_select_anchors: {anchor_args.anchor_selection} anchors for {len(corpus.class_names)} classes of "
