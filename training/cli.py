@@ -5,6 +5,7 @@ import dataclasses
 import errno
 import fcntl
 import json
+import logging as pylogging
 import math
 import os
 import re
@@ -367,35 +368,40 @@ def setup_logging(training_args) -> None:
     logging.get_logger("modeling_vlltr").setLevel(level)
 
 
+class _ExpectedHeadReport(pylogging.Filter):
+    """Drops transformers' LOAD REPORT when all it lists is new-head weights (keys outside the `clip.` backbone) as
+    MISSING; any other row (a backbone weight missing, an unexpected or mismatched one) lets the report through."""
+
+    def filter(self, record) -> bool:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # the report's colours on a terminal
+        if "LOAD REPORT" not in text:
+            return True
+        rows = [row for row in re.findall(r"^\s*([\w.]+)\s*\|\s*([A-Z]+)\s*\|", text, flags=re.MULTILINE)]
+        rows = [(key, status) for key, status in rows if key != "Key"]
+        return not rows or not all(status == "MISSING" and not key.startswith("clip.") for key, status in rows)
+
+
 def load_new_head(
     loader: Callable, path: str, *, init: str = "randomly", what: str = "--model_name_or_path", **kwargs
 ):
     """`load_checked(what, loader, path, **kwargs)` for a checkpoint without the head about to be created (a CLIP or
     a stage-1 model given a classifier). transformers' LOAD REPORT lists the new weights as MISSING ("Consider
-    training on your downstream task"), read as an error although it is the point here: that report is held back for
-    this one call and replaced by one line naming the head and how it starts (`init`). Weights missing from the CLIP
-    backbone, unexpected or mismatched ones are still reported, as a warning naming them."""
-    report = logging.get_logger("transformers.modeling_utils")  # the logger that prints the LOAD REPORT
-    previous = report.level
-    report.setLevel(logging.ERROR)
+    training on your downstream task"), read as an error although it is the point here: a report of exactly those
+    weights is dropped for this one call and replaced by one line naming the head and how it starts (`init`). A
+    report with anything else in it (a backbone weight missing, an unexpected or mismatched one) is shown as usual."""
+    report = logging.get_logger("transformers.modeling_utils")  # the logger that emits the LOAD REPORT
+    expected = _ExpectedHeadReport()
+    report.addFilter(expected)
     try:
         model, info = load_checked(what, loader, path, output_loading_info=True, **kwargs)
     finally:
-        report.setLevel(previous)
-    missing = sorted(info["missing_keys"])
-    backbone = [k for k in missing if k.startswith("clip.")]  # the CLIP itself: never expected to be missing
-    adapters = [k for k in missing if k.startswith("adaptformer.")]
-    if len(backbone) + len(adapters) < len(missing):
-        extra = " and AdaptFormer adapters" if adapters else ""
+        report.removeFilter(expected)
+    new = [k for k in info["missing_keys"] if not k.startswith("clip.")]
+    if [k for k in new if not k.startswith("adaptformer.")]:
+        extra = " and AdaptFormer adapters" if any(k.startswith("adaptformer.") for k in new) else ""
         logger.warning(
             f"New {model.config.head_type} classification head for {model.config.num_labels} classes{extra}, "
             f"initialised {init}: {path} has none, as expected."
-        )
-    unexpected = [k for k in info["unexpected_keys"] if not k.startswith("clip.")]
-    if backbone or info["mismatched_keys"] or unexpected:
-        logger.warning(
-            f"{path}: weights missing from the checkpoint {backbone}, unexpected {unexpected}, mismatched "
-            f"{info['mismatched_keys']}"
         )
     return model
 
