@@ -119,3 +119,32 @@ def explanation_visual_share(model, dataset, visual_of: dict[str, bool], top_k: 
         "visual_share_top_anchors_correct": float(np.nanmean(shares[correct])) if correct.any() else float("nan"),
         "images": int(len(shares)),
     }
+
+
+def anchors_of(folder: str | Path) -> list[list[str]]:
+    """The anchor sentences a `run_select_anchors` output keeps, per class (its config's `anchor_sentences`)."""
+    return json.loads((Path(folder) / "config.json").read_text())["anchor_sentences"]
+
+
+def anchor_shares(folders: dict[str, str | Path], class_names: list[str], corpus_file: str, visual_of: dict) -> dict:
+    """The visual share of the anchors in each `run_select_anchors` folder (keyed by strategy), beside the share in
+    the descriptions alone and among all candidates (the 80 prompt templates plus the descriptions, what the
+    selection chooses from)."""
+    from .corpus import build_class_corpus
+
+    candidates = build_class_corpus(class_names, corpus_file)
+    descriptions = build_class_corpus(class_names, corpus_file, use_templates=False)
+    by_class = [candidates.class_sentences(c) for c in range(len(class_names))]
+    result = {
+        "corpus_descriptions": corpus_visual_share(
+            [descriptions.class_sentences(c) for c in range(len(class_names))], visual_of
+        ),
+        "corpus_candidates": corpus_visual_share(by_class, visual_of),
+    }
+    for name, folder in folders.items():
+        result[name] = anchor_visual_share(anchors_of(folder), visual_of)
+    return result
+
+
+def pct(value) -> str:
+    return "n/a" if value is None or value != value else f"{100 * value:.1f}"
