@@ -190,3 +190,18 @@ def test_anchor_visual_share_against_a_naive_count():
     visual_of = {"It is red.": True, "It was found in 1900.": False}
     anchors = [["It is red.", "a photo of a tafa.", "It was found in 1900."], ["It  is red."]]
     assert anchor_visual_share(anchors, visual_of) == pytest.approx(2 / 4)
+
+
+def test_held_out_class_of_demo_new_class_keeps_its_description_only(tiny, tmp_path):
+    from training.demo_new_class import held_out_splits
+
+    held_out = int(np.argmin(tiny["train_counts"]))
+    splits = held_out_splits(tiny, held_out, tmp_path)
+    name = tiny["class_names"][held_out]
+    assert splits["new_label"] == 11 and Path(splits["new_names"]).read_text().split() == [name]
+    assert json.loads(Path(splits["new_corpus"]).read_text()) == {
+        name: json.loads(Path(tiny["corpus"]).read_text())[name]
+    }
+    assert name not in json.loads(Path(splits["corpus9"]).read_text())
+    assert all(int(y) < 11 for _, y in _rows(splits["train9"]))
+    assert sum(int(y) == 11 for _, y in _rows(splits["test10"])) == 3

@@ -1,6 +1,11 @@
 """VL-LTR beside its peers and its own ablations, on one dataset, over seeds.
 
-    python -m training.compare --output_dir compare_output                     # what `make compare` runs
+    python -m training.compare --output_dir compare_output                     # what `make compare` runs (world)
+    python -m training.compare --data digits --output_dir compare_digits       # the demo's long-tailed digits
+    python -m training.world --output_dir world_s3 --seed 3 --num_classes 40 && python -m training.compare \
+        --train_file world_s3/train.txt --test_file world_s3/test.txt --selection_file world_s3/val.txt \
+        --image_root world_s3 --class_names world_s3/classes.txt --text_corpus world_s3/corpus.json \
+        --output_dir compare_world_s3
     python -m training.compare --seeds 1 --methods zero_shot,vlltr --output_dir compare_smoke
     python -m training.compare --clip openai/clip-vit-base-patch16 --train_file train.txt --test_file test.txt \
         --selection_file val.txt --image_root ROOT --class_names classes.txt --text_corpus corpus.json \
@@ -14,10 +19,16 @@ seed, `table.md` the mean ± standard deviation over seeds next to the paper's a
 each of the paper's claims, `compare.png` the per-method bars with each seed's value, and `per_class_accuracy.png`
 the per-class accuracy (mean over seeds) against training images.
 
-Without data flags it uses the demo's long-tailed digits and stand-in CLIP (`training/demo.py`), with schedules
-shorter still than the demo's (stage 1 20 epochs, stage 2 and the linear probes 30, against the demo's 30 / 50) so
-that every method over 3 seeds fits in about 20 minutes on 2 CPU cores; the defaults of `--stage1_epochs` etc. are
-those short schedules, not the paper's.
+Without data flags it uses the embedded world of `training.world` (`--data digits`: the demo's long-tailed digits),
+built once with `--data_seed` (a user's data is fixed), and a stand-in CLIP pre-trained on the world's pool once per
+seed (a user's pretrained CLIP is not: the seeds vary it), with schedules shorter than the demo's (world: stage 1 3
+epochs, stage 2 and the linear probes 4; digits 20 / 30 / 30) so that every method over 3 seeds fits in about 25
+minutes on 2 CPU cores; the defaults of `--stage1_epochs` etc. are those short schedules, not the paper's. Data flags
+naming a folder written by `python -m training.world` (its `--image_root`) get the same stand-in per seed unless
+`--clip` is given. On a world, `results.json` (`world`, `world_per_seed`) and `table.md` also hold what the world
+lets one measure (`training.world_measures`): zero-shot by class name and by the averaged visual descriptions, the
+plain linear probe's many- and few-shot top-1, the share of visual sentences among the anchors AnSS, Random and Cut
+Off keep beside their share in the corpus, and among each test image's top-3 attended anchors in VL-LTR.
 """
 
 import json
