@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch and torchvision are pinned to wheels that work together on the CPU. Override on a GPU machine, e.g.
-# `make install TORCH="torch torchvision"`.
+# torch and torchvision are pinned to wheels that work together. On x86_64 the registry's torch is a CUDA build
+# (about 6 GB installed, 3 GB of it CUDA libraries) that also runs on the CPU; where PyTorch's CPU index can be
+# reached, `make install TORCH="torch torchvision --index-url https://download.pytorch.org/whl/cpu"` installs a
+# CPU-only build, several times smaller. On a GPU machine, e.g. `make install TORCH="torch torchvision"`.
 ifeq ($(shell uname -m),aarch64)
 TORCH ?= torch==2.9.1 torchvision==0.24.1
 else

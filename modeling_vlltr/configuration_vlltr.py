@@ -12,6 +12,8 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 HEAD_TYPES = ("lgr", "fc", "cosine")
+# What the FC / cosine head classifies: E_I (the projected embedding) or the tower's pooled feature before the projection
+CLASSIFIER_FEATURES = ("projected", "pooled")
 
 
 # Test-time fusion weight α of the ImageNet-LT and Places-LT reference runs (official `configs/*/finetune/*.py`).
@@ -49,6 +51,16 @@ class VLLTRConfig(PreTrainedConfig):
             code's `v_detach` variant, used for iNaturalist). Forward values are unchanged; only gradients differ.
         cosine_scale (`float`, *optional*, defaults to 25.0):
             s, the fixed scale of the cosine head (`head_type="cosine"`); LIFT's default is 25.
+        classifier_feature (`str`, *optional*, defaults to `"projected"`):
+            The feature the `"fc"` / `"cosine"` head classifies. `"projected"`: E_I, the image embedding in CLIP's
+            joint space (`projection_dim`). `"pooled"`: the vision tower's pooled feature before `visual_projection`
+            (the final LayerNorm of the class token, `vision_config.hidden_size`), the feature LIFT classifies
+            (shijxcs/LIFT `models/peft_vit.py`, `Peft_ViT.forward`: `ln_post(x[:, 0])`, the projection "not used").
+            The LGR head needs `"projected"`.
+        adaptformer_dim (`int`, *optional*):
+            Bottleneck width r of the AdaptFormer adapters (Chen et al., NeurIPS 2022) in every layer of the vision
+            tower, placed as LIFT places them ([`VLLTRAdaptFormer`]); their weights are part of the checkpoint.
+            `None` (the default): no adapters.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal used for the image-branch MLP and the FC head.
         anchor_sentences (`list[list[str]]`, *optional*):
@@ -105,6 +117,8 @@ class VLLTRConfig(PreTrainedConfig):
     anchor_sentences: list[list[str]] | None = None
     text_only_classes: list[int] | None = None
     cosine_scale: float = 25.0
+    classifier_feature: str = "projected"
+    adaptformer_dim: int | None = None
     anchor_class_names: list[str] | None = None
 
     def __post_init__(self, **kwargs):
@@ -137,6 +151,16 @@ class VLLTRConfig(PreTrainedConfig):
         if not self.cosine_scale > 0:
             raise ValueError(f"VLLTRConfig.cosine_scale must be > 0, got {self.cosine_scale}.")
         self.cosine_scale = float(self.cosine_scale)
+        if self.classifier_feature not in CLASSIFIER_FEATURES:
+            raise ValueError(
+                f"VLLTRConfig.classifier_feature must be one of {CLASSIFIER_FEATURES}, got {self.classifier_feature!r}."
+            )
+        if self.classifier_feature == "pooled" and self.head_type == "lgr":
+            raise ValueError("VLLTRConfig.classifier_feature='pooled' needs head_type 'fc' or 'cosine', not 'lgr'.")
+        if self.adaptformer_dim is not None and (not _is_int(self.adaptformer_dim) or self.adaptformer_dim < 1):
+            raise ValueError(
+                f"VLLTRConfig.adaptformer_dim must be an integer >= 1 or None, got {self.adaptformer_dim!r}."
+            )
         if self.num_labels < 1:
             raise ValueError(f"VLLTRConfig needs at least one class (id2label), got num_labels={self.num_labels}.")
         if self.anchor_sentences is not None:
@@ -169,6 +193,13 @@ class VLLTRConfig(PreTrainedConfig):
     def projection_dim(self) -> int:
         """D, the size of CLIP's joint embedding space (image embeddings, text embeddings and anchors)."""
         return self.clip_config.projection_dim
+
+    @property
+    def classifier_input_dim(self) -> int:
+        """Width of the feature the FC / cosine head classifies (`classifier_feature`)."""
+        if self.classifier_feature == "pooled":
+            return self.clip_config.vision_config.hidden_size
+        return self.projection_dim
 
     @property
     def text_config(self) -> CLIPTextConfig:

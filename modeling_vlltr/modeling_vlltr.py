@@ -12,6 +12,7 @@ unchanged as Hub remote code and does no file or network I/O at import.
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -177,20 +178,47 @@ class VLLTRImageBranch(nn.Module):
 
 
 class VLLTRCosineClassifier(nn.Module):
-    """logits = s·cos(E_I, w_c) for every class c: the cosine classifier of LIFT (Shi et al., ICML 2024,
-    `CosineClassifier`), with a fixed scale s = `config.cosine_scale`. `weight` (C, D) lives in CLIP's joint space, so
-    it can start as the normalised class-name prompt embeddings (zero-shot CLIP up to the scale). Deviation from
-    LIFT, which classifies the pre-projection image feature with the text embeddings mapped back through the image
-    projection: here E_I is the projected embedding and w_c the text embedding itself."""
+    """logits = s·cos(f, w_c) for every class c: the cosine classifier of LIFT (Shi et al., ICML 2024, shijxcs/LIFT
+    `models/classifiers.py` `CosineClassifier`), with a fixed scale s = `config.cosine_scale`. f is the feature named
+    by `config.classifier_feature`: E_I in CLIP's joint space (`"projected"`, where w_c can start as the normalised
+    class-name prompt embeddings: zero-shot CLIP up to the scale), or, as in LIFT, the vision tower's pooled feature
+    before the projection (`"pooled"`, where LIFT starts w_c from the prompt embeddings mapped back through the image
+    projection, `training.embedding.prompt_head_weights`). `weight` is `(C, config.classifier_input_dim)`."""
 
     def __init__(self, config: VLLTRConfig):
         super().__init__()
         self.scale = config.cosine_scale
-        self.weight = nn.Parameter(torch.empty(config.num_labels, config.projection_dim))  # (C, D)
+        self.weight = nn.Parameter(torch.empty(config.num_labels, config.classifier_input_dim))  # (C, D)
 
-    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        image_unit = F.normalize(image_embeds, dim=-1)  # (B, D)
-        return self.scale * image_unit @ F.normalize(self.weight, dim=-1).to(image_unit.dtype).T  # (B, C)
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        unit = F.normalize(features, dim=-1)  # (B, D)
+        return self.scale * unit @ F.normalize(self.weight, dim=-1).to(unit.dtype).T  # (B, C)
+
+
+class VLLTRAdaptFormer(nn.Module):
+    r"""
+    One AdaptFormer adapter (Chen et al., "AdaptFormer: Adapting Vision Transformers for Scalable Visual Recognition",
+    NeurIPS 2022) as LIFT builds it (shijxcs/LIFT `models/peft_modules.py` `AdaptFormer`):
+
+        a(h) = s · W_up · ReLU(W_down · LN(h) + b_down) + s · b_up        h (B, N, H) -> (B, N, H)
+
+    with its own LayerNorm, a bottleneck of width r, and a learnable scalar s. At initialisation W_up, b_up and b_down
+    are zero (so a = 0 and the adapted tower is the pre-trained one), W_down is Kaiming-normal (a = √5) and s = 1
+    ([`VLLTRPreTrainedModel._init_weights`]). LIFT adds it in parallel to each block's MLP, on the block's residual
+    stream before the MLP's LayerNorm (`models/peft_vit.py`: `x = mlp(ln_2(identity)) + adaptformer(identity) +
+    identity`); [`VLLTRPreTrainedModel`] wires it so into the CLIP vision tower with two hooks per layer.
+    """
+
+    def __init__(self, hidden_size: int, bottleneck: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(hidden_size)  # LIFT: nn.LayerNorm's default eps
+        self.down_proj = nn.Linear(hidden_size, bottleneck)
+        self.relu = nn.ReLU()
+        self.up_proj = nn.Linear(bottleneck, hidden_size)
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.up_proj(self.relu(self.down_proj(self.ln(hidden_states)))) * self.scale  # (B, N, H)
 
 
 class VLLTRTextBranch(nn.Module):
@@ -508,6 +536,12 @@ class VLLTRPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, VLLTRCosineClassifier):
             init.normal_(module.weight, std=std)
+        elif isinstance(module, VLLTRAdaptFormer):  # LIFT's init (runs after the leaves' own)
+            init.kaiming_normal_(module.down_proj.weight, a=math.sqrt(5))
+            init.zeros_(module.down_proj.bias)
+            init.zeros_(module.up_proj.weight)
+            init.zeros_(module.up_proj.bias)
+            init.ones_(module.scale)
         if isinstance(module, VLLTRForImageClassification) and module.config.head_type == "lgr":
             # reference `_init_weights`: W_q and W_k start as the identity (runs after the leaves' normal init)
             init.eye_(module.text_branch.query_proj.weight)
@@ -517,6 +551,30 @@ class VLLTRPreTrainedModel(PreTrainedModel):
             branch = module.text_branch
             for buffer in (branch.anchor_mean, branch.anchor_inv_std, branch.anchor_gram, branch.anchor_mask_bias):
                 init.zeros_(buffer)  # derived from the anchors; refreshed when they are set or loaded
+
+    def _add_adaptformer(self) -> None:
+        """With `config.adaptformer_dim`, one [`VLLTRAdaptFormer`] per vision encoder layer (`self.adaptformer`, so
+        the adapters are saved in `model.safetensors` beside the tower they adapt), wired in without changing CLIP's
+        code: a forward pre-hook on the layer's `layer_norm2` keeps its input h (the residual stream after attention)
+        and a forward hook on its `mlp` adds a(h) to the MLP's output, so the layer computes
+        h + MLP(LN_2(h)) + a(h), LIFT's placement. A layer re-run by gradient checkpointing fires both hooks again."""
+        if self.config.adaptformer_dim is None:
+            return
+        vision = self.config.clip_config.vision_config
+        layers = self.clip.vision_model.encoder.layers
+        self.adaptformer = nn.ModuleList(
+            VLLTRAdaptFormer(vision.hidden_size, self.config.adaptformer_dim) for _ in layers
+        )
+        self._adaptformer_inputs: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(layers):
+            layer.layer_norm2.register_forward_pre_hook(partial(self._keep_adaptformer_input, i))
+            layer.mlp.register_forward_hook(partial(self._add_adaptformer_output, i))
+
+    def _keep_adaptformer_input(self, index: int, module: nn.Module, args: tuple) -> None:
+        self._adaptformer_inputs[index] = args[0]  # h, the residual stream entering LN_2 (B, N, H)
+
+    def _add_adaptformer_output(self, index: int, module: nn.Module, args: tuple, output: torch.Tensor):
+        return output + self.adaptformer[index](self._adaptformer_inputs.pop(index))  # MLP(LN_2(h)) + a(h)
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -574,6 +632,7 @@ class VLLTRModel(VLLTRPreTrainedModel):
         super().__init__(config)
         config._validate_head_fields()
         self.clip = CLIPModel(config.clip_config)
+        self._add_adaptformer()
         self.post_init()
 
     @can_return_tuple
@@ -679,6 +738,7 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
         super().__init__(config)
         config._validate_head_fields()
         self.clip = CLIPModel(config.clip_config)
+        self._add_adaptformer()
         num_labels, num_anchors, dim = config.num_labels, config.num_anchor_sentences, config.projection_dim
         if config.head_type == "lgr":
             self.image_branch = VLLTRImageBranch(config)
@@ -688,7 +748,7 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
         elif config.head_type == "cosine":
             self.classifier = VLLTRCosineClassifier(config)  # s·cos(E_I, w_c), LIFT's head
         else:
-            self.classifier = nn.Linear(dim, num_labels)
+            self.classifier = nn.Linear(config.classifier_input_dim, num_labels)
         self._anchors_checked = False
         self.register_load_state_dict_post_hook(_recheck_anchors_after_load)
         self.post_init()
@@ -973,7 +1033,9 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
                 raise ValueError(f"Class {name!r} already exists in this checkpoint (label {label}{same}).")
             earlier = [n for n in names[:k] if _class_key(n) == _class_key(name)]
             if earlier:
-                same = "" if earlier[0] == name else f" (as {earlier[0]!r}; case, underscores and spacing do not count)"
+                same = (
+                    "" if earlier[0] == name else f" (as {earlier[0]!r}; case, underscores and spacing do not count)"
+                )
                 raise ValueError(f"Class {name!r} is given twice{same}.")
         for name, class_sentences in zip(names, sentences):
             if isinstance(class_sentences, str) or not isinstance(class_sentences, (list, tuple)):
@@ -1130,9 +1192,28 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
     # -- forward -------------------------------------------------------------------------------------------------------
 
     def _vision_tower_trainable(self) -> bool:
+        adapters = self.adaptformer.parameters() if self.config.adaptformer_dim is not None else ()
         return self.clip.visual_projection.weight.requires_grad or any(
-            p.requires_grad for p in self.clip.vision_model.parameters()
+            p.requires_grad for p in (*self.clip.vision_model.parameters(), *adapters)
         )
+
+    def _encode_image(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool, **kwargs
+    ) -> tuple[BaseModelOutputWithPooling, torch.Tensor]:
+        """The vision tower's output (`pooler_output`: the pooled feature before `visual_projection`) and E_I. A
+        frozen tower (adapters included) builds no autograd graph."""
+        _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self._vision_tower_trainable()):
+            outputs = self.clip.vision_model(
+                pixel_values=pixel_values,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                return_dict=True,
+                **_with_config_output_flags(self.config, kwargs),
+            )
+            if self.config.classifier_feature == "pooled":  # E_I is reported, not classified: no graph through it
+                with torch.no_grad():
+                    return outputs, self.clip.visual_projection(outputs.pooler_output)
+            return outputs, self.clip.visual_projection(outputs.pooler_output)  # E_I (B, D)
 
     @can_return_tuple
     def get_image_features(
@@ -1144,13 +1225,9 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
         """The CLIP vision tower's output, as `CLIPModel.get_image_features` returns it: `pooler_output` is E_I, the
         projected, not normalised image embedding `(batch_size, projection_dim)`. A frozen tower builds no autograd
         graph."""
-        _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self._vision_tower_trainable()):
-            return self.clip.get_image_features(
-                pixel_values=pixel_values,
-                interpolate_pos_encoding=interpolate_pos_encoding,
-                **_with_config_output_flags(self.config, kwargs),
-            )
+        outputs, image_embeds = self._encode_image(pixel_values, interpolate_pos_encoding, **kwargs)
+        outputs.pooler_output = image_embeds
+        return outputs
 
     @can_return_tuple
     def forward(
@@ -1164,14 +1241,14 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
         labels (`torch.LongTensor` of shape `(batch_size,)` or `torch.FloatTensor` of shape `(batch_size, num_labels)`,
         *optional*): class ids in `[0, num_labels)`, or soft targets (mixup / cutmix). Gives `loss`.
         """
-        vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, **kwargs)
-        image_embeds = vision_outputs.pooler_output  # E_I (B, D)
+        vision_outputs, image_embeds = self._encode_image(pixel_values, interpolate_pos_encoding, **kwargs)  # E_I
         if labels is not None:
             _check_labels(labels, image_embeds.shape[0], self.config.num_labels)
         tower = {"hidden_states": vision_outputs.hidden_states, "attentions": vision_outputs.attentions}
 
         if self.config.head_type in ("fc", "cosine"):
-            logits = self.classifier(image_embeds)  # (B, C)
+            pooled = self.config.classifier_feature == "pooled"  # LIFT's feature, before the projection
+            logits = self.classifier(vision_outputs.pooler_output if pooled else image_embeds)  # (B, C)
             loss = soft_target_cross_entropy(logits, labels) if labels is not None else None
             return VLLTRImageClassifierOutput(
                 loss=loss, logits=logits, image_logits=logits, image_embeds=image_embeds, **tower
@@ -1200,6 +1277,7 @@ class VLLTRForImageClassification(VLLTRPreTrainedModel):
 
 
 __all__ = [
+    "VLLTRAdaptFormer",
     "VLLTRCosineClassifier",
     "VLLTRForImageClassification",
     "VLLTRImageClassifierOutput",

@@ -292,7 +292,7 @@ def test_full_disk_while_saving_stops_with_one_line_and_keeps_the_earlier_checkp
     argv[argv.index("--max_steps") + 1] = "3"
     code, err = run("run_cvlp", argv, capfd)
     line = error_line(err, "run_cvlp")
-    assert code == 2 and "Writing checkpoint-2" in line and "No space left on device" in line
+    assert code == 2 and "checkpoint-2 failed" in line and "No space left on device" in line
     monkeypatch.undo()
     from training.cli import last_complete_checkpoint
 

@@ -12,7 +12,7 @@ from training.arguments import AugmentationArguments, CorpusArguments, DataArgum
 from training.cli import parse_args
 from training.cvlp_config import CVLPConfig
 from training.lgr_config import LGRConfig
-from training.lift_config import LIFTArguments, LIFTConfig
+from training.lift_config import LIFTArguments, LIFTAugmentationArguments, LIFTConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 SCRIPTS = {
@@ -91,9 +91,10 @@ PEFT_SCRIPTS = {
         CVLPConfig,
     ),
     "peft_stage2": (ModelArguments, DataArguments, AugmentationArguments, AdapterArguments, LGRConfig),
-    "lift": (ModelArguments, DataArguments, AugmentationArguments, LIFTArguments, LIFTConfig),
 }
-LIFT_EPOCHS = {"imagenet_lt": 10, "places_lt": 10, "inat2018": 20}  # shijxcs/LIFT run_tab1to4_main_results.sh
+LIFT_TYPES = (ModelArguments, DataArguments, LIFTAugmentationArguments, LIFTArguments, LIFTConfig)
+# shijxcs/LIFT scripts/run_tab1to4_main_results.sh: 10 epochs, 20 on iNaturalist 2018; CIFAR-100-LT at imbalance ρ
+LIFT_EPOCHS = {"imagenet_lt": 10, "places_lt": 10, "inat2018": 20, **{f"cifar100_lt_ir{r}": 10 for r in (100, 50, 10)}}
 
 
 @pytest.mark.parametrize("dataset", list(REFERENCE))
@@ -114,16 +115,34 @@ def test_peft_and_lift_recipes_parse(dataset, tmp_path):
         assert args.num_train_epochs == reference.num_train_epochs // 10, "10% of the reference epochs"
         assert args.per_device_train_batch_size * 1 * args.gradient_accumulation_steps == 1024, "one GPU, same batch"
     assert not stage2[-1].train_vision_tower and stage2[-1].adapter_learning_rate > 0
-    lift_args, lift = parsed["lift"][-2:]
-    assert lift_args.peft == "lora" and lift_args.cosine_scale == 25.0 and lift_args.templates == ["a photo of a {}."]
+
+
+@pytest.mark.parametrize("dataset", list(LIFT_EPOCHS))
+def test_lift_recipes_are_lifts_commands(dataset, tmp_path):
+    path = CONFIGS / f"{dataset}_vit_b16_lift.json"
+    _, data, augment, lift_args, lift = parse_args(
+        LIFT_TYPES, [str(path), "--output_dir", str(tmp_path), "--bf16", "0"]
+    )
+    assert lift_args.adapter == "adaptformer" and lift_args.adapter_dim is None  # LIFT's bottleneck rule
+    assert lift_args.prompt_mode == "default" and lift_args.classifier_feature == "pooled"
+    assert lift_args.cosine_scale == 25.0
     assert lift.num_train_epochs == LIFT_EPOCHS[dataset] and lift.logit_adjustment == 1.0
-    assert lift.optim == "sgd" and lift.learning_rate == 0.01 and lift.weight_decay == 5e-4
+    assert lift.optim == "sgd" and lift.optim_args == "momentum=0.9" and lift.learning_rate == 0.01
+    assert lift.weight_decay == 5e-4 and lift.decay_all_parameters and lift.lr_schedule_per_epoch
+    assert lift.lr_scheduler_type == "cosine" and lift.warmup_steps == 0 and not lift.dataloader_drop_last
+    assert lift.per_device_train_batch_size * lift.gradient_accumulation_steps == 128
     assert lift.mixup_alpha == lift.cutmix_alpha == lift.label_smoothing == 0.0 and lift.sampling == "instance"
-    assert not parsed["lift"][2].rand_augment
+    assert not augment.rand_augment and augment.random_erasing == 0.0 and augment.augmentation == "torchvision"
+    if dataset.startswith("cifar100_lt_ir"):
+        assert data.long_tail_imbalance == float(dataset.rsplit("ir", 1)[1]) and data.dataset_name
+    else:
+        assert data.long_tail_imbalance is None
+    assert "not run here" in json.loads(path.read_text())["_reported"]
 
 
 def test_every_recipe_file_is_covered():
     names = {p.name for p in CONFIGS.glob("*.json")}
     expected = {f"{d}_vit_b16_{s}.json" for d in REFERENCE for s in (*SCRIPTS, *PEFT_SCRIPTS)}
+    expected |= {f"{d}_vit_b16_lift.json" for d in LIFT_EPOCHS}
     assert names == expected | {f"inat2018_vit_b16_384_{s}.json" for s in SCRIPTS}
     assert run_cvlp.main and run_lgr.main

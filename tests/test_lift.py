@@ -76,6 +76,10 @@ def test_run_lift_then_run_eval(tiny_clip_dir, lt_dataset, tmp_path):
             "3",
             "--per_device_train_batch_size",
             "8",
+            "--peft",
+            "lora",
+            "--classifier_feature",
+            "projected",
             "--lora_r",
             "4",
             "--save_adapter",
@@ -100,7 +104,7 @@ def test_run_lift_then_run_eval(tiny_clip_dir, lt_dataset, tmp_path):
     assert history[-1]["stage"] == "lift" and settings["peft"] == "lora" and settings["logit_adjustment"] == 1.0
     assert settings["num_train_epochs"] == 10 and settings["sampling"] == "instance"
     assert (out / "adapter" / "adapter_config.json").is_file()
-    assert "LIFT-style" in (out / "README.md").read_text()
+    assert "LIFT fine-tuning" in (out / "README.md").read_text()
     report = run_eval.main(
         ["--model_name_or_path", str(out), "--test_file", lt_dataset["test"], "--train_file", lt_dataset["train"],
          "--output_dir", str(tmp_path / "eval"), "--many_shot_threshold", "8", "--few_shot_threshold", "4", *common]

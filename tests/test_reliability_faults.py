@@ -143,6 +143,64 @@ def test_report_to_an_integration_that_is_not_installed(data, tmp_path, tiny_cli
     assert code == 2 and "not an integration transformers knows" in error_line(err, "run_cvlp")
 
 
+def test_report_to_several_integrations_comma_separated_checks_each(data, tmp_path, tiny_clip_dir, capfd):
+    from transformers.integrations import integration_utils
+
+    if integration_utils.is_tensorboard_available():
+        pytest.skip("tensorboard is installed here")
+    argv = stage1_args(data, tmp_path / "out", tiny_clip_dir)
+    argv[argv.index("--report_to") + 1] = "none,tensorboard"
+    code, err = run("run_cvlp", argv, capfd)
+    assert code == 2 and "'none' and 'all' stand alone" in error_line(err, "run_cvlp")
+    argv[argv.index("--report_to") + 1] = "tensorboard,no_such_logger"  # each name is checked, in order
+    code, err = run("run_cvlp", argv, capfd)
+    line = error_line(err, "run_cvlp")
+    assert code == 2 and "--report_to tensorboard: the tensorboard package is not installed" in line, line
+
+
+@pytest.mark.parametrize("flag", ["deepspeed", "bnb"])
+def test_a_flag_whose_package_is_missing_is_one_line(flag, data, tmp_path, tiny_clip_dir, capfd):
+    import importlib.util
+
+    package = {"deepspeed": "deepspeed", "bnb": "bitsandbytes"}[flag]
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    extra = {"deepspeed": ["--deepspeed", json.dumps({"train_batch_size": "auto"})],
+             "bnb": ["--optim", "adamw_bnb_8bit"]}[flag]  # fmt: skip
+    out = tmp_path / "out"
+    code, err = run("run_cvlp", stage1_args(data, out, tiny_clip_dir, *extra), capfd)
+    line = error_line(err, "run_cvlp")
+    assert code == 2 and "a package this run needs is not installed" in line and package in line, line
+    assert "Traceback" not in err
+    assert_stopped_before_training(out)
+
+
+def test_config_edited_to_other_shapes_is_one_line_without_the_load_report(data, tmp_path, capfd):
+    model = make_classifier(num_labels=4, num_anchors=3)
+    model.save_pretrained(tmp_path / "ckpt")
+    eval_image_processor(32).save_pretrained(tmp_path / "ckpt")
+    config_file = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["clip_config"]["vision_config"]["hidden_size"] += 16  # the weights keep the old width
+    config_file.write_text(json.dumps(config))
+    argv = ["--model_name_or_path", str(tmp_path / "ckpt"), "--test_file", data["val"], "--image_root", data["root"],
+            "--output_dir", str(tmp_path / "eval"), "--use_cpu", "--report_to", "none"]  # fmt: skip
+    code, err = run("run_eval", argv, capfd)
+    line = error_line(err, "run_eval")
+    assert code == 2 and "the weights' shapes do not match its config.json" in line and "MISMATCH" in line, line
+    assert "LOAD REPORT" not in err and "Traceback" not in err
+
+
+def test_stage1_output_given_to_stage2_is_one_line_without_the_load_report(data, tmp_path, tiny_clip_dir, capfd):
+    stage1 = tmp_path / "stage1"
+    assert run("run_cvlp", stage1_args(data, stage1, tiny_clip_dir), capfd)[0] == 0
+    argv = ["--model_name_or_path", str(stage1), "--train_file", data["train"], "--image_root", data["root"],
+            "--output_dir", str(tmp_path / "stage2"), "--use_cpu", "--report_to", "none"]  # fmt: skip
+    code, err = run("run_lgr", argv, capfd)
+    assert code == 2 and "has no anchor sentences" in error_line(err, "run_lgr")
+    assert "LOAD REPORT" not in err and "MISSING" not in err, err[-2000:]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Classes added later
 # ----------------------------------------------------------------------------------------------------------------------

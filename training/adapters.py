@@ -1,4 +1,5 @@
-"""LoRA adapters (Hu et al., ICLR 2022) on the CLIP towers through `peft`, for both stages and the LIFT-style peer.
+"""Adapters in the CLIP towers: LoRA (Hu et al., ICLR 2022) through `peft`, for both stages and the LIFT peer, and the
+bottleneck rule of LIFT's AdaptFormer adapters (which live in the model itself, `VLLTRConfig.adaptformer_dim`).
 
 The adapters are injected in place (`peft.inject_adapter_in_model`), so the model stays a `VLLTRModel` /
 `VLLTRForImageClassification`: the Trainers, their parameter groups and `compute_loss` are unchanged, and the
@@ -9,6 +10,7 @@ checkpoint the Trainer writes for resuming also gets the adapter itself in `adap
 `--model_name_or_path`, checked against merged − B·A.
 """
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,13 @@ ADAPTER_DIR = "adapter"  # sub-folder of a checkpoint / output folder holding th
 ADAPTER_NAME = "default"
 TOWERS = {"vision": "clip.vision_model", "text": "clip.text_model"}
 PROJECTIONS = {"vision": "clip.visual_projection", "text": "clip.text_projection"}
+
+
+def adaptformer_bottleneck(num_classes: int, num_layers: int) -> int:
+    """LIFT's default AdaptFormer width r = 2^max(0, ⌊log2(C / (2·L))⌋) for C classes and L adapted layers
+    (shijxcs/LIFT `models/peft_vit.py`, `ViT_Tuner`): about C / (2L), rounded down to a power of two, at least 1, so
+    the adapters hold about as many parameters as the classifier (2·H·r per layer). ImageNet-LT on ViT-B/16: 32."""
+    return 2 ** max(0, int(math.log2(num_classes / (num_layers * 2))))
 
 
 class AdapterError(ValueError):
@@ -154,9 +163,17 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def adapter_settings(args: AdapterArguments, model: nn.Module) -> dict:
     """What a run records about its adapters (for the training history and the model card)."""
+    trainable, total = count_parameters(model)
+    adaptformer_dim = getattr(model.config, "adaptformer_dim", None)
+    if adaptformer_dim is not None:
+        return {
+            "adapter": "adaptformer",
+            "adaptformer_dim": adaptformer_dim,
+            "trainable_parameters": trainable,
+            "trainable_fraction": round(trainable / total, 6),
+        }
     if args.peft == "none":
         return {"peft": "none"}
-    trainable, total = count_parameters(model)
     return {
         "peft": args.peft,
         "lora_r": args.lora_r,
@@ -259,6 +276,7 @@ __all__ = [
     "AdapterArguments",
     "AdapterError",
     "adapter_settings",
+    "adaptformer_bottleneck",
     "add_lora",
     "count_parameters",
     "has_adapters",

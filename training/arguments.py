@@ -64,6 +64,19 @@ class DataArguments:
             "choices": ["full", "header", "none"],
         },
     )
+    long_tail_imbalance: float | None = field(
+        default=None,
+        metadata={
+            "help": "Make the training split long-tailed first (e.g. CIFAR-100-LT from CIFAR-100): class c of C keeps "
+            "int(N/C · ρ^(−c/(C−1))) of its images, the exponential profile of Cao et al. 2019 (LDAM) with imbalance "
+            "ratio ρ = n_max / n_min (100, 50 or 10 for CIFAR-100-LT); see training.splits.long_tail_indices."
+        },
+    )
+    long_tail_seed: int = field(default=0, metadata={"help": "Seed of the images --long_tail_imbalance keeps."})
+
+    def __post_init__(self):
+        if self.long_tail_imbalance is not None and not self.long_tail_imbalance >= 1:
+            raise ValueError(f"--long_tail_imbalance must be a ratio >= 1, got {self.long_tail_imbalance}.")
 
 
 @dataclass

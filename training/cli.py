@@ -18,7 +18,7 @@ import torch.distributed as dist
 import transformers
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
-from transformers import AutoTokenizer, HfArgumentParser, PreTrainedTokenizerBase, TrainingArguments
+from transformers import AutoTokenizer, HfArgumentParser, PretrainedConfig, PreTrainedTokenizerBase, TrainingArguments
 from transformers.integrations import integration_utils
 from transformers.utils import logging
 
@@ -26,6 +26,7 @@ from .adapters import AdapterError
 from .io_utils import DataError, WriteError, check_checkpoint_folder, read_user_text, unique_keys
 from .model_card import extend_history, read_history, write_history, write_model_card
 from .stage_trainer import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
+from .threads import configure_threads
 
 logger = logging.get_logger(__name__)
 
@@ -129,6 +130,11 @@ def check_report_to(parsed) -> None:
     for arguments in parsed:
         if not isinstance(arguments, TrainingArguments):
             continue
+        if any("," in name for name in arguments.report_to or []):
+            # the command line gives one string: "tensorboard,mlflow" asks for both (a JSON argument file can give a list)
+            arguments.report_to = [n.strip() for name in arguments.report_to for n in name.split(",") if n.strip()]
+            if "none" in arguments.report_to or "all" in arguments.report_to:
+                raise ValueError(f"--report_to {','.join(arguments.report_to)}: 'none' and 'all' stand alone.")
         for name in arguments.report_to or []:
             if name not in integration_utils.INTEGRATION_TO_CALLBACK:
                 known = ", ".join(sorted(integration_utils.INTEGRATION_TO_CALLBACK))
@@ -189,6 +195,12 @@ def run_main(main: Callable[[list[str] | None], Any], prog: str, argv: list[str]
             raise
         message = " ".join((e.strerror if isinstance(e, CheckpointWriteError) else original_message(e)).split())
         print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ImportError as e:  # an optional package a flag needs (--deepspeed, --optim adamw_bnb_8bit, ...)
+        if os.environ.get("VLLTR_DEBUG"):
+            raise
+        first = " ".join(str(e).strip().split()) or type(e).__name__
+        print(f"{prog}: error: a package this run needs is not installed: {first}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as e:  # a full disk, a read-only or vanished output folder while writing the results
         if not (isinstance(e, WriteError) or e.errno in _WRITE_ERRNOS) or os.environ.get("VLLTR_DEBUG"):
@@ -278,19 +290,78 @@ def load_new_head(loader: Callable, path: str, **kwargs):
     return model
 
 
-def load_checked(what: str, loader: Callable, path: str, *, tokenizer: bool = False, **kwargs):
+class _HeldRecords:
+    """Holds back what transformers logs inside the block (its LOAD REPORT of a damaged or mismatched checkpoint),
+    and lets it out when the block succeeds: when loading fails, the one-line error is all the user reads."""
+
+    def __init__(self):
+        self.records: list = []
+        self._root = logging.get_logger("transformers")
+        self._handlers: list = []
+
+    def __enter__(self):
+        import logging as pylogging
+
+        held = self.records
+
+        class Hold(pylogging.Handler):
+            def emit(self, record):
+                held.append(record)
+
+        self._hold = Hold()
+        self._handlers = self._root.handlers[:]
+        for handler in self._handlers:
+            self._root.removeHandler(handler)
+        self._root.addHandler(self._hold)
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self._root.removeHandler(self._hold)
+        for handler in self._handlers:
+            self._root.addHandler(handler)
+        if kind is None:
+            self.release()
+        return False
+
+    def release(self) -> None:
+        records, self.records = self.records, []
+        for record in records:
+            self._root.handle(record)
+
+
+def load_checked(
+    what: str, loader: Callable, path: str, *, tokenizer: bool = False, then: Callable | None = None, **kwargs
+):
     """Calls `loader(path, **kwargs)`, turning a missing, damaged or wrong checkpoint into a `UsageError` naming
     `what` (a local folder's files are checked first, so a cut-short file is named before anything is loaded).
     `tokenizer=True` (implied when `loader` loads a tokenizer) also requires tokenizer files: without them
     transformers 5 builds an empty tokenizer that maps every character to one unknown id, and the run would train
-    on nothing. Scripts that tokenise text pass it with their first load (the config), before any work."""
+    on nothing. Scripts that tokenise text pass it with their first load (the config), before any work. `then(result)`
+    runs a check of the loaded object (e.g. `require_anchors`); what transformers logged while loading is shown only
+    when the load and the check succeed."""
     owner = getattr(loader, "__self__", None)
     tokenizer = tokenizer or (isinstance(owner, type) and issubclass(owner, (AutoTokenizer, PreTrainedTokenizerBase)))
     check_checkpoint_folder(path, what, UsageError, weights=False)
+    held = _HeldRecords()
     try:
-        result = loader(path, **kwargs)
+        with held:
+            result = loader(path, **kwargs)
+            if then is not None:  # a check of the loaded object whose failure makes the LOAD REPORT moot
+                then(result)
+    except UsageError:
+        raise
     except Exception as e:
+        report = "\n".join(r.getMessage() for r in held.records)
+        if isinstance(e, RuntimeError) and "ignore_mismatched_sizes" in str(e):
+            # transformers logged a LOAD REPORT of the mismatched weights (held back here) and raised
+            shapes = [line.strip() for line in report.splitlines() if "MISMATCH" in line and "|" in line]
+            first = f" ({' '.join(shapes[0].split())})" if shapes else ""
+            raise UsageError(
+                f"{what} {path}: the weights' shapes do not match its config.json{first}: the config was edited or "
+                f"belongs to another checkpoint; copy the folder again."
+            ) from None
         if not isinstance(e, (OSError, ValueError)) and not type(e).__module__.startswith("safetensors"):
+            held.release()
             raise
         if not isinstance(e, ValueError):  # a file is missing or unreadable: name it if it is the weights
             check_checkpoint_folder(path, what, UsageError)
@@ -299,6 +370,8 @@ def load_checked(what: str, loader: Callable, path: str, *, tokenizer: bool = Fa
     # The scripts load the config first: a missing or cut-short weights file (or tokenizer) is named now, before any
     # work; after the loader, so that a folder of another model type is named as such first.
     check_checkpoint_folder(path, what, UsageError, tokenizer=tokenizer)
+    if isinstance(result, PretrainedConfig) or isinstance(getattr(result, "config", None), PretrainedConfig):
+        configure_threads(getattr(result, "config", result))  # the first model a script loads sets the threads
     return result
 
 

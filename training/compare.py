@@ -318,7 +318,7 @@ def _linear_la(r: Runner) -> list[tuple[Path, float]]:
 
 
 def _lift(r: Runner) -> list[tuple[Path, float]]:
-    """`run_lift` from the starting CLIP: LoRA in the image tower, a cosine head from the class-name prompts,
+    """`run_lift` from the starting CLIP: AdaptFormer in the image tower, a cosine head from the class-name prompts,
     logit-adjusted CE, `--lift_epochs` (10% of VL-LTR's stage-1 + stage-2 epochs by default), then `run_eval`."""
     c = r.ctx
     lift = r.step("lift", lambda out: run_lift.main(
@@ -342,7 +342,7 @@ for _method in (
     Method("linear_la", "Linear probe, logit adjustment", _linear_la,
            "the linear probe trained with the logit-adjusted loss (run_lgr --logit_adjustment τ)"),
     Method("lift", "LIFT-style peer", _lift,
-           "run_lift: LoRA image tower, cosine head from prompts, logit-adjusted CE, 10% of VL-LTR's epochs"),
+           "run_lift: AdaptFormer image tower, cosine head from prompts, logit-adjusted CE, 10% of VL-LTR's epochs"),
     Method("vlltr_lora", "VL-LTR with LoRA adapters", _vlltr_lora, "run_cvlp and run_lgr with --peft lora"),
     Method("vlltr", "VL-LTR", lambda r: r.vlltr_from(r.full_stage1(), "vlltr"), "stage 1 (β = 0.5), AnSS, LGR"),
     Method("no_pretrain", "  w/o CVLP pre-training", lambda r: r.vlltr_from((r.clip, 0.0), "no_pretrain"),

@@ -50,6 +50,56 @@ IMAGENET_TEMPLATES = [
     "a photo of a small {}.", "a tattoo of the {}.",
 ]  # fmt: skip
 
+# LIFT's ways of writing each class's text for the head's initialisation (shijxcs/LIFT `trainer.py`
+# `init_head_text_feat`, `utils/config.py` `prompt`).
+LIFT_PROMPT_MODES = ("default", "classname", "ensemble", "descriptor")
+LIFT_DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+def lift_prompts(
+    mode: str, class_names: list[str], templates: list[str] | None = None, descriptors: str | os.PathLike | None = None
+) -> list[list[str]]:
+    """The prompts of each class whose normalised text embeddings LIFT averages into the head's initial row:
+    `default` ["a photo of a {name}."], `classname` [name], `ensemble` the 80 CLIP ImageNet templates, `descriptor`
+    the class's phrases in the `descriptors` JSON file (class name -> list of phrases, keys matched up to case,
+    underscores and spacing), each phrase as it is. `templates` (own '{}' prompts; ["imagenet"] = the 80) replaces
+    the mode. As LIFT, underscores in class names become spaces. A class missing from the file, or with no phrase,
+    is a `DataError` naming the file and the class."""
+    names = [name.replace("_", " ") for name in class_names]
+    if mode == "descriptor":
+        return _descriptor_prompts(Path(descriptors), class_names)
+    if templates is not None:
+        templates = IMAGENET_TEMPLATES if templates == ["imagenet"] else templates
+    elif mode == "ensemble":
+        templates = IMAGENET_TEMPLATES
+    elif mode == "classname":
+        templates = ["{}"]
+    elif mode == "default":
+        templates = [LIFT_DEFAULT_TEMPLATE]
+    else:
+        raise ValueError(f"prompt mode must be one of {LIFT_PROMPT_MODES}, got {mode!r}.")
+    return [[template.format(name) for template in templates] for name in names]
+
+
+def _descriptor_prompts(path: Path, class_names: list[str]) -> list[list[str]]:
+    try:
+        data = json.loads(read_text_file(path, "descriptor file"), object_pairs_hook=unique_keys(path, DataError))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object mapping each class name to a list of phrases.")
+    data = match_corpus_keys(data, class_names, path, DataError)
+    prompts = []
+    for name in class_names:
+        phrases = data.get(name)
+        if phrases is None:
+            raise DataError(f"{path}: no phrases for class {name!r} (--prompt_mode descriptor needs every class).")
+        if not isinstance(phrases, list) or not phrases or not all(isinstance(p, str) and p.strip() for p in phrases):
+            raise DataError(f"{path}: class {name!r} must map to a non-empty list of non-empty phrases.")
+        prompts.append([p.replace("_", " ") for p in phrases])  # LIFT formats each phrase as a class name
+    return prompts
+
+
 # Wikipedia sections the reference preprocessing drops (`mcloader/preprocess.py`).
 DROPPED_SECTIONS = ("references", "external links", "further reading", "bibliography")
 

@@ -15,8 +15,8 @@ practitioner would otherwise use.
    later step is the same code.
 3. Stage 1, anchor selection, stage 2 and evaluation through the entry points of the CLI scripts.
 4. Baselines and peers on the same splits: zero-shot CLIP with the 80 class prompts, CLIP fine-tuned with a plain
-   linear classifier and cross-entropy, the LIFT-style peer (`run_lift`: LoRA image tower, cosine head, logit-adjusted
-   loss, 10% of VL-LTR's epochs), and VL-LTR with LoRA adapters in both stages (`--peft lora`).
+   linear classifier and cross-entropy, the LIFT-style peer (`run_lift`: AdaptFormer image tower, cosine head,
+   logit-adjusted loss, 10% of VL-LTR's epochs), and VL-LTR with LoRA adapters in both stages (`--peft lora`).
 5. One table (overall / many / medium / few top-1 and the seconds each method took), on the world its premise and
    how visual the kept and the attended anchors are (`training.world_measures`), `results.json`,
    `per_class_accuracy.png`, the anchor report and the final checkpoint with its model card; then the stock
@@ -54,6 +54,7 @@ from .io_utils import atomic_write_json, atomic_write_text
 from .metrics import TOP1_GROUPS, ShotThresholds, group_top1, long_tail_metrics, plot_per_class_accuracy
 from .splits import ImageDataset, load_labelled_split, read_image_list
 from .standin_clip import build_char_tokenizer, save_clip_folder, small_clip_config
+from .threads import configure_threads
 from .world import WorldArguments, build_world, pretrain_world_clip
 from .world_measures import anchor_shares, explanation_visual_share, load_world, pct, premise
 
@@ -142,6 +143,7 @@ def pretrain_standin_clip(data: dict, out: Path, seed: int, epochs: int = 40, ba
     torch.manual_seed(seed)
     tokenizer = build_char_tokenizer()
     model = CLIPModel(small_clip_config(image_size=32, patch_size=4, width=64, layers=3, heads=4, projection_dim=64))
+    configure_threads(model.config)
     pool = load_labelled_split(DataArguments(image_root=data["root"]), data["pool"], None, "pool", CLASS_NAMES)
     # Light crops only, drawn by torchvision: the stand-in is not part of VL-LTR, and its contrastive start sits on
     # a plateau (loss ln(batch)) it leaves only after a few hundred steps; with timm's crops (the VL-LTR default since
@@ -439,8 +441,9 @@ def main(argv: list[str] | None = None) -> dict:
     with _timed(seconds, "zero_shot"):
         zs_logits, zs_labels = zero_shot_logits(clip, data)
         zero_shot = long_tail_metrics(zs_logits, zs_labels, counts, thresholds_)
-    # The LIFT-style peer with its defaults (LoRA r 8 on q/v, cosine head from "a photo of a {}.", logit-adjusted
-    # CE τ 1, SGD 0.01): 10% of the demo's VL-LTR epochs (stage 1 + stage 2), as LIFT's 10 are of the paper's 100.
+    # The LIFT-style peer with its defaults (AdaptFormer in every layer, cosine head from "a photo of a {}.",
+    # logit-adjusted CE τ 1, SGD 0.01): 10% of the demo's VL-LTR epochs (stage 1 + stage 2), as LIFT's 10 are of
+    # the paper's 100.
     with _timed(seconds, "lift"):
         run_lift.main(
             ["--model_name_or_path", clip, "--train_file", data["train"], "--output_dir", str(out / "lift"),

@@ -24,8 +24,8 @@ BRANCH_EVAL_IGNORE_KEYS = ["image_embeds", "hidden_states", "attentions"]
 class LGRTrainer(StageTrainer):
     """Trains a `VLLTRForImageClassification` with `LGRConfig` (reference `finetune.py` / `engine.py`).
 
-    - With LoRA adapters in the vision tower (`training.adapters`), the tower stays frozen and the adapters train
-      at `adapter_learning_rate` (default `learning_rate`).
+    - With LoRA adapters in the vision tower (`training.adapters`) or AdaptFormer adapters (`config.adaptformer_dim`),
+      the tower stays frozen and the adapters train at `adapter_learning_rate` (default `learning_rate`).
     - The text tower and `logit_scale` are frozen (the text branch uses the stored anchors and the stage-1 τ); the
       vision tower too unless `train_vision_tower` (then it builds no autograd graph at all).
     - Two learning rates: `learning_rate` for the image-branch MLP (and the vision tower), `attention_learning_rate`
@@ -54,11 +54,12 @@ class LGRTrainer(StageTrainer):
         clip.logit_scale.requires_grad_(False)
         clip.vision_model.requires_grad_(self.args.train_vision_tower)
         clip.visual_projection.requires_grad_(self.args.train_vision_tower)
-        adapters = has_adapters(self.model)
+        adapters = has_adapters(self.model) or self.model.config.adaptformer_dim is not None
         if adapters:
             if self.args.train_vision_tower:
                 raise AdapterError(
-                    "--train_vision_tower trains the whole tower; with --peft lora only its adapters train."
+                    "--train_vision_tower trains the whole tower; with adapters (--peft lora, --adapter) only the "
+                    "adapters train."
                 )
             unfreeze_adapters(self.model)  # LoRA: the tower stays frozen, its adapters train at `learning_rate`
         self.log_prior = None  # log π (C,), only with logit adjustment
@@ -70,7 +71,7 @@ class LGRTrainer(StageTrainer):
         self.train_class_ids = self._train_only_rows(self.args.train_classes)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
-        tower = "LoRA adapters" if adapters else ("trained" if self.args.train_vision_tower else "frozen")
+        tower = "adapters" if adapters else ("trained" if self.args.train_vision_tower else "frozen")
         logger.info(f"Stage 2 trains {trainable:,} of {total:,} parameters (vision tower: {tower}).")
 
     def _train_only_rows(self, train_classes: str | None) -> list[int] | None:
@@ -125,8 +126,9 @@ class LGRTrainer(StageTrainer):
                 lr = (
                     self.args.attention_learning_rate if name.startswith(ATTENTION_PREFIX) else self.args.learning_rate
                 )
-                if ".lora_" in name and self.args.adapter_learning_rate is not None:
-                    lr = self.args.adapter_learning_rate  # LoRA adapters in the vision tower
+                adapter = ".lora_" in name or name.startswith("adaptformer.")
+                if adapter and self.args.adapter_learning_rate is not None:
+                    lr = self.args.adapter_learning_rate  # LoRA / AdaptFormer adapters in the vision tower
                 weight_decay = self.args.weight_decay if name in decay else 0.0
                 groups.setdefault((lr, weight_decay), []).append(param)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)

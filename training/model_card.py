@@ -52,10 +52,11 @@ STAGE_TEXT = {
         " over the trained classes (`config.text_only_classes`).",
     ),
     "lift": (
-        "LIFT-style fine-tuning (a peer of VL-LTR)",
-        "LoRA adapters in the frozen CLIP image tower and a cosine classifier s·cos(E_I, w_c), initialised from the "
-        "class-name prompt embeddings, trained with the logit-adjusted loss CE(z + τ·log π, y) (Shi et al., ICML "
-        "2024); the classifier's logits are the prediction.",
+        "LIFT fine-tuning (a peer of VL-LTR)",
+        "Lightweight adapters (AdaptFormer, LIFT's choice, or LoRA) in the frozen CLIP image tower and a cosine "
+        "classifier s·cos(f, w_c) on the tower's feature, initialised from the class prompts' text embeddings, "
+        "trained with the logit-adjusted loss CE(z + τ·log π, y) (Shi et al., ICML 2024); the classifier's logits are "
+        "the prediction.",
     ),
 }
 

@@ -16,7 +16,8 @@ in votes goes to the tied class whose nearest member is the more similar (see `t
 `metrics.json` can be recomputed.
 
 `--tta {flip,five_crop,ten_crop}` averages the (fused) probability over several views of each test image (see
-`training/tta.py`: flips, or torchvision's five / ten crops of the resized image); `--tta none` is the plain
+`training/tta.py`: flips, or torchvision's five / ten crops of the resized image); `--tta lift_five_crop` is LIFT's
+test-time ensemble (five crops of the image resized to size + 24, logits averaged); `--tta none` is the plain
 evaluation.
 
 Shot groups follow the standard convention (> 100, 20-100, < 20 training images); `--shot_thresholds official`
@@ -24,6 +25,7 @@ uses the reference code's (>= 100, 21-99, <= 20) and `--shot_logits sum` its sum
 """
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +55,7 @@ from .knn import knn_scores
 from .metrics import ShotThresholds, long_tail_metrics, plot_per_class_accuracy, write_metrics_json
 from .model_card import history_entry
 from .splits import checkpoint_class_names, load_labelled_split
-from .tta import TTA_MODES, MultiViewTransform, predict_logits_tta
+from .tta import TTA_MODES, VIEW_AVERAGE, MultiViewTransform, predict_logits_tta
 
 
 @dataclass
@@ -80,8 +82,9 @@ class EvalArguments:
         default="none",
         metadata={
             "help": "Test-time augmentation: average the fused probability over 'flip' (2 views), 'five_crop' or "
-            "'ten_crop' (torchvision FiveCrop / TenCrop of the resized image, before the centre crop); 'none' = the "
-            "single centre-crop view.",
+            "'ten_crop' (torchvision FiveCrop / TenCrop of the resized image, before the centre crop); "
+            "'lift_five_crop': LIFT's test-time ensemble (five crops of the image resized to size + 24, logits "
+            "averaged); 'none' = the single centre-crop view.",
             "choices": list(TTA_MODES),
         },
     )
@@ -129,9 +132,14 @@ def main(argv: list[str] | None = None) -> dict:
         eval_args.few_shot_threshold,
     )
     model_class = VLLTRModel if eval_args.knn is not None else VLLTRForImageClassification
-    model = load_checked("--model_name_or_path", model_class.from_pretrained, model_args.model_name_or_path, **hub)
+    anchors = None
     if eval_args.knn is None:
-        require_anchors(model, model_args.model_name_or_path, alternative=", or evaluate it with --knn 5")
+        anchors = partial(
+            require_anchors, path=model_args.model_name_or_path, alternative=", or evaluate it with --knn 5"
+        )
+    model = load_checked(
+        "--model_name_or_path", model_class.from_pretrained, model_args.model_name_or_path, then=anchors, **hub
+    )
     if eval_args.explain and (eval_args.knn is not None or model.config.head_type != "lgr"):
         raise UsageError(
             "--explain needs a checkpoint with the LGR head: the FC and KNN heads have no anchor sentences."
@@ -146,8 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
     if test is None:
         raise UsageError(usage)
     train = load_labelled_split(
-        data_args, data_args.train_file, data_args.train_split, "training split", class_names=test.class_names
-    )
+        data_args, data_args.train_file, data_args.train_split, "training split", class_names=test.class_names,
+        training=True,
+    )  # fmt: skip
     if train is None:
         raise UsageError(usage)
     counts = train.class_counts
@@ -174,8 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
         scores = knn_scores(test_embeds, memory_embeds, torch.as_tensor(train.labels), len(counts), eval_args.knn)
         out = {"logits": scores, "image_logits": None, "text_logits": None}
     else:
-        predict = predict_logits if eval_args.tta == "none" else predict_logits_tta
-        out = predict(model, dataset, args.per_device_eval_batch_size, args.dataloader_num_workers, desc="Evaluating")
+        batch, workers = args.per_device_eval_batch_size, args.dataloader_num_workers
+        if eval_args.tta == "none":
+            out = predict_logits(model, dataset, batch, workers, desc="Evaluating")
+        else:
+            out = predict_logits_tta(model, dataset, batch, workers, "Evaluating", VIEW_AVERAGE[eval_args.tta])
     shot_logits = None
     if eval_args.shot_logits == "sum" and out["text_logits"] is not None:
         shot_logits = out["image_logits"] + out["text_logits"]

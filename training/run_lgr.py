@@ -57,9 +57,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- The checkpoint from anchor selection -------------------------------------------------------------------------
     model = load_checked(
-        "--model_name_or_path", VLLTRForImageClassification.from_pretrained, model_args.model_name_or_path, **hub
+        "--model_name_or_path",
+        VLLTRForImageClassification.from_pretrained,
+        model_args.model_name_or_path,
+        then=lambda loaded: require_anchors(loaded, model_args.model_name_or_path),
+        **hub,
     )
-    require_anchors(model, model_args.model_name_or_path)
 
     if adapter_args.peft == "lora":
         if args.train_vision_tower:

@@ -332,6 +332,24 @@ def _read_source(data_args: DataArguments, split_file: str | None, hf_split: str
     return dataset, names, description
 
 
+def long_tail_indices(labels: np.ndarray, num_classes: int, imbalance: float, seed: int = 0) -> np.ndarray:
+    """The images a long-tailed version of a (balanced) split keeps: class c keeps the first
+    n_c = int(N/C · (1/ρ)^(c/(C−1))) of its images in a seeded shuffle, the profile of Cao et al. 2019 (LDAM,
+    `IMBALANCECIFAR100.get_img_num_per_cls`) as LIFT builds CIFAR-100-LT (shijxcs/LIFT `datasets/cifar100.py`: one
+    `np.random.seed(seed)`, then one `np.random.shuffle` per class in label order; the same draws here, so a split in
+    torchvision's CIFAR-100 order gives LIFT's images). Returns the kept row indices, grouped by class (N', )."""
+    labels = np.asarray(labels)
+    image_max = len(labels) / num_classes
+    rng = np.random.RandomState(seed)
+    keep = []
+    for c in range(num_classes):
+        count = int(image_max * (1.0 / imbalance) ** (c / (num_classes - 1.0)))
+        rows = np.flatnonzero(labels == c)
+        rng.shuffle(rows)
+        keep.append(rows[:count])
+    return np.concatenate(keep)
+
+
 @dataclass
 class LabelledSplit:
     """One split with its checked labels and class names. `dataset(transform)` gives the images."""
@@ -357,6 +375,12 @@ class LabelledSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, rows: np.ndarray, description: str) -> "LabelledSplit":
+        """The split restricted to `rows` (in that order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        source = [self.source[i] for i in rows] if isinstance(self.source, list) else self.source.select(rows.tolist())
+        return replace(self, description=description, source=source, labels=self.labels[rows])
+
     def first_per_class(self, limit: int) -> "LabelledSplit":
         """The first `limit` images of each class, in split order (the reference iNaturalist selection set)."""
         keep = np.concatenate([np.flatnonzero(self.labels == c)[:limit] for c in np.unique(self.labels)])
@@ -381,6 +405,7 @@ def load_labelled_split(
     class_names: list[str] | None = None,
     checkpoint_names: list[str] | None = None,
     min_classes: int = 1,
+    training: bool = False,
 ) -> LabelledSplit | None:
     """Reads one split (a list file, an iNaturalist JSON, or `hf_split` of --dataset_name) and checks it: not empty,
     every label within the class list, at least `min_classes` classes present. No image is opened yet.
@@ -391,6 +416,7 @@ def load_labelled_split(
         name: what the split is for ("training split", ...), used in messages.
         class_names: the class list to check against (e.g. the training split's, for an evaluation split); by
             default --class_names, else the names the split gives, else `checkpoint_names`, which must then agree.
+        training: this is the training split, which --long_tail_imbalance makes long-tailed (`long_tail_indices`).
     """
     source, split_names, description = _read_source(data_args, split_file, hf_split)
     if source is None:
@@ -401,10 +427,16 @@ def load_labelled_split(
         class_names = resolve_class_names(data_args, split_names, checkpoint_names, description)
     labels = check_labels(source, len(class_names), description, data_args.label_column)
     check_split_classes(labels, len(class_names), name, min_classes)
-    return LabelledSplit(
+    split = LabelledSplit(
         name, description, source, list(class_names), labels,
         data_args.image_column, data_args.label_column, data_args.image_check,
     )  # fmt: skip
+    if training and data_args.long_tail_imbalance is not None:
+        ratio, seed = data_args.long_tail_imbalance, data_args.long_tail_seed
+        rows = long_tail_indices(labels, len(class_names), ratio, seed)
+        split = split.subset(rows, f"{description}, long-tailed with imbalance {ratio:g} (seed {seed})")
+        check_split_classes(split.labels, len(class_names), name, min_classes)
+    return split
 
 
 def load_training_splits(
@@ -414,7 +446,7 @@ def load_training_splits(
     / --eval_split is given, the evaluation split, checked against the training split's class list."""
     train = load_labelled_split(
         data_args, data_args.train_file, data_args.train_split, "training split",
-        checkpoint_names=checkpoint_names, min_classes=2,
+        checkpoint_names=checkpoint_names, min_classes=2, training=True,
     )  # fmt: skip
     if train is None:
         raise DataError("Give the training images: --train_file (a list file or iNaturalist JSON) or --dataset_name.")

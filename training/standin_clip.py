@@ -19,6 +19,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from transformers.utils.logging import tqdm
 
 from .data import eval_image_processor
+from .threads import configure_threads
 
 
 def build_char_tokenizer() -> CLIPTokenizer:
@@ -133,6 +134,7 @@ def pretrain_on_captions(
     )
     config.logit_scale_init_value = math.log(1 / 0.05)
     model = CLIPModel(config)
+    configure_threads(model.config)
     pixels = load_caption_images(image_paths, image_size)  # (N, 3, R, R) uint8
     tokens = tokenizer(captions, padding=True, return_tensors="pt")
     processor = eval_image_processor(image_size)

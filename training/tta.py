@@ -7,11 +7,15 @@ The evaluation transform (`eval_image_processor`, saved with every checkpoint) r
 - `flip`: that view and its horizontal mirror (2 views);
 - `five_crop`: torchvision `FiveCrop(image_size)` on the *resized* image (the processor with its centre crop turned
   off): the four corners and the centre, which is exactly the `none` view (5 views);
-- `ten_crop`: torchvision `TenCrop(image_size)`: those five and the five crops of the mirrored image (10 views).
+- `ten_crop`: torchvision `TenCrop(image_size)`: those five and the five crops of the mirrored image (10 views);
+- `lift_five_crop`: LIFT's test-time ensemble (shijxcs/LIFT `trainer.py`, `tte` with `tte_mode` "fivecrop"): the
+  short side resized to `image_size + 24` (torchvision `Resize`, bilinear, as LIFT; not the processor's resize), the
+  five `FiveCrop(image_size)` crops, no flip, each normalised with the processor's mean and std (5 views).
 
 A processor whose resize already gives `image_size` (no margin to crop) makes the five crops coincide.
 
-Averaging: every output (`logits`, `image_logits`, `text_logits`) is turned into probabilities (softmax), averaged
+Averaging: for `lift_five_crop` the raw outputs are averaged over the views, as LIFT averages its head's logits
+(`output.view(B, n_crops, -1).mean(dim=1)` in `Trainer.test`). For the other modes every output (`logits`, `image_logits`, `text_logits`) is turned into probabilities (softmax), averaged
 over the views and returned as log-probabilities. For the LGR head, `softmax(logits)` is the fused probability
 `α·softmax(P_I) + (1 − α)·softmax(P_T)`, so the reported prediction is the view-averaged fused probability; the
 per-branch numbers average each branch's own probability (LIFT's test-time ensemble averages the same way).
@@ -23,8 +27,11 @@ from transformers.utils.logging import tqdm
 
 from .data import eval_collator
 
-TTA_MODES = ("none", "flip", "five_crop", "ten_crop")
-NUM_VIEWS = {"none": 1, "flip": 2, "five_crop": 5, "ten_crop": 10}
+TTA_MODES = ("none", "flip", "five_crop", "ten_crop", "lift_five_crop")
+NUM_VIEWS = {"none": 1, "flip": 2, "five_crop": 5, "ten_crop": 10, "lift_five_crop": 5}
+LIFT_EXPAND = 24  # LIFT's `expand`: the resize before its five crops is image_size + 24 (248 for 224)
+# What is averaged over the views: "probabilities" (log of the mean softmax) or "logits" (the mean of the raw outputs)
+VIEW_AVERAGE = {mode: "logits" if mode == "lift_five_crop" else "probabilities" for mode in TTA_MODES}
 
 
 def _size_field(size, key: str):
@@ -63,9 +70,18 @@ class MultiViewTransform:
                     f"crop; use --tta flip, or a processor that resizes above the crop size."
                 )
             self.crops = v2.FiveCrop(size) if mode == "five_crop" else v2.TenCrop(size)
+        if mode == "lift_five_crop":
+            size = _crop_size(image_processor)
+            self.lift_views = v2.Compose([v2.Resize(min(size) + LIFT_EXPAND), v2.FiveCrop(size)])
+            self.normalize = v2.Compose(
+                [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                 v2.Normalize(image_processor.image_mean, image_processor.image_std)]
+            )  # fmt: skip
 
     def __call__(self, image) -> torch.Tensor:
-        if self.mode in ("none", "flip"):
+        if self.mode == "lift_five_crop":  # LIFT: Resize, FiveCrop, then ToTensor + Normalize on each crop
+            views = [self.normalize(crop) for crop in self.lift_views(image.convert("RGB"))]
+        elif self.mode in ("none", "flip"):
             view = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]  # (3, H, W)
             views = [view] if self.mode == "none" else [view, view.flip(-1)]
         else:
@@ -88,11 +104,16 @@ def average_view_log_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_probs, dim=1) - torch.log(torch.tensor(float(logits.shape[1])))  # (B, C)
 
 
-def predict_logits_tta(model, dataset, batch_size: int = 64, num_workers: int = 0, desc: str = "") -> dict:
+def predict_logits_tta(
+    model, dataset, batch_size: int = 64, num_workers: int = 0, desc: str = "", average: str = "probabilities"
+) -> dict:
     """Like `embedding.predict_logits`, for a dataset whose transform is a `MultiViewTransform`: each batch of
-    `(B, V, 3, H, W)` views goes through the model as `B·V` images and each output is averaged over the views
-    (`average_view_log_probabilities`). Returns CPU tensors `logits`, `image_logits`, `text_logits` (None for the
-    FC head), `labels`."""
+    `(B, V, 3, H, W)` views goes through the model as `B·V` images and each output is averaged over the views:
+    `average="probabilities"` by `average_view_log_probabilities`, `"logits"` as the plain mean of the outputs
+    (LIFT's; `VIEW_AVERAGE` gives each mode's). Returns CPU tensors `logits`, `image_logits`, `text_logits` (None
+    for the FC / cosine head), `labels`."""
+    if average not in ("probabilities", "logits"):
+        raise ValueError(f"average must be 'probabilities' or 'logits', got {average!r}.")
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=eval_collator
     )
@@ -107,9 +128,18 @@ def predict_logits_tta(model, dataset, batch_size: int = 64, num_workers: int = 
                 value = getattr(out, key)
                 if value is not None:
                     value = value.float().cpu().view(num_images, num_views, -1)  # (B, V, C)
-                    parts[key].append(average_view_log_probabilities(value))
+                    mean = value.mean(1) if average == "logits" else average_view_log_probabilities(value)  # (B, C)
+                    parts[key].append(mean)
             parts["labels"].append(batch["labels"])
     return {k: torch.cat(v) if v else None for k, v in parts.items()}
 
 
-__all__ = ["NUM_VIEWS", "TTA_MODES", "MultiViewTransform", "average_view_log_probabilities", "predict_logits_tta"]
+__all__ = [
+    "LIFT_EXPAND",
+    "NUM_VIEWS",
+    "TTA_MODES",
+    "VIEW_AVERAGE",
+    "MultiViewTransform",
+    "average_view_log_probabilities",
+    "predict_logits_tta",
+]
