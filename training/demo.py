@@ -508,6 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", table + "\n" + (f"\n{world_table(measured)}\n" if measured else ""))
 
     _banner("6/6", f"pipeline('image-classification') on the final checkpoint {final}")
     classifier = pipeline("image-classification", model=str(final), device="cpu")
@@ -520,8 +521,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{rel} (a {names[int(label)]}): {shown}")
     print(f"Why these classes? {out / 'eval' / 'explanations.md'} and {out / 'eval' / 'explanations.png'}: the "
           "anchor sentences a few correct and wrong predictions attended to.")  # fmt: skip
-    print(f"\nWrote {out / 'results.json'}, {out / 'per_class_accuracy.png'}, {out / 'anchor_report.md'} and the "
-          f"checkpoint {final} (model card: {final / 'README.md'}) in {timings['total']:.0f} s.")  # fmt: skip
+    print(f"\nWrote {out / 'results.md'}, {out / 'results.json'}, {out / 'per_class_accuracy.png'}, "
+          f"{out / 'anchor_report.md'} and the checkpoint {final} (model card: {final / 'README.md'}) in {timings['total']:.0f} s.")  # fmt: skip
     return results
 
 
