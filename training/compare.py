@@ -22,7 +22,7 @@ the per-class accuracy (mean over seeds) against training images.
 Without data flags it uses the embedded world of `training.world` (`--data digits`: the demo's long-tailed digits),
 built once with `--data_seed` (a user's data is fixed), and a stand-in CLIP pre-trained on the world's pool once per
 seed (a user's pretrained CLIP is not: the seeds vary it), with schedules shorter than the demo's (world: stage 1 3
-epochs, stage 2 and the linear probes 4; digits 20 / 30 / 30) so that every method over 3 seeds fits in about 25
+epochs, stage 2 and the linear probes 4; digits 20 / 30 / 30), chosen to bring every method over 3 seeds near 25
 minutes on 2 CPU cores; the defaults of `--stage1_epochs` etc. are those short schedules, not the paper's. Data flags
 naming a folder written by `python -m training.world` (its `--image_root`) get the same stand-in per seed unless
 `--clip` is given. On a world, `results.json` (`world`, `world_per_seed`) and `table.md` also hold what the world
