@@ -117,3 +117,34 @@ def test_random_init_keeps_the_architecture_and_differs_by_seed(tiny_clip_dir, t
     assert tensors[0].shape == tensors[1].shape
     assert not torch.equal(tensors[0], tensors[1]) and not torch.equal(tensors[1], tensors[2])
     assert (tmp_path / "a" / "tokenizer_config.json").is_file() or (tmp_path / "a" / "vocab.json").is_file()
+
+
+def test_world_measurements_recompute_from_the_runs(tiny_clip_dir, tmp_path):
+    """On a folder written by `training.world`, compare measures the premise and the visual share of the anchors
+    each strategy kept; the shares recompute from the anchor folders and visual_sentences.json."""
+    from training.world import WorldArguments, build_world
+
+    w = build_world(WorldArguments(output_dir=str(tmp_path / "world"), num_classes=6, imbalance=5, max_per_class=10,
+                                   test_per_class=2, selection_per_class=2, pool_size=20))  # fmt: skip
+    argv = ["--clip", tiny_clip_dir, "--train_file", w["train"], "--test_file", w["test"], "--selection_file",
+            w["val"], "--image_root", w["root"], "--class_names", w["classes"], "--text_corpus", w["corpus"],
+            "--methods", "vlltr,random,linear_ce", "--seeds", "1", "--linear_epochs", "1",
+            "--output_dir", str(tmp_path / "out"), *TINY]  # fmt: skip
+    results = compare.main(argv)
+    world = results["world"]
+    corpus = json.loads(Path(w["corpus"]).read_text())
+    flags = json.loads(Path(w["visual_sentences"]).read_text())
+    visual = {s for name in corpus for s, f in zip(corpus[name], flags[name]) if f}
+    for strategy, folder in (("anss", "vlltr_anchors"), ("random", "random_anchors")):
+        anchors = json.loads((tmp_path / "out" / "seed_0" / folder / "config.json").read_text())["anchor_sentences"]
+        flat = [s for per_class in anchors for s in per_class]
+        assert world[f"anchor_visual_share_{strategy}"]["mean"] == pytest.approx(
+            sum(s in visual for s in flat) / len(flat)
+        )
+    described = sum(len(v) for v in corpus.values())
+    assert world["anchor_visual_share_corpus_descriptions"]["mean"] == pytest.approx(len(visual) / described)
+    assert world["anchor_visual_share_corpus_candidates"]["mean"] == pytest.approx(len(visual) / (described + 80 * 6))
+    assert world["chance"]["mean"] == pytest.approx(1 / 6)
+    assert 0 <= world["explanations_visual_share_top3"]["mean"] <= 1
+    assert "linear_few_top1" in world and "cutoff" not in json.dumps(list(world))
+    assert "visual share: anchors kept by AnSS" in (tmp_path / "out" / "table.md").read_text()

@@ -1,6 +1,11 @@
 """VL-LTR beside its peers and its own ablations, on one dataset, over seeds.
 
-    python -m training.compare --output_dir compare_output                     # what `make compare` runs
+    python -m training.compare --output_dir compare_output                     # what `make compare` runs (world)
+    python -m training.compare --data digits --output_dir compare_digits       # the demo's long-tailed digits
+    python -m training.world --output_dir world_s3 --seed 3 --num_classes 40 && python -m training.compare \
+        --train_file world_s3/train.txt --test_file world_s3/test.txt --selection_file world_s3/val.txt \
+        --image_root world_s3 --class_names world_s3/classes.txt --text_corpus world_s3/corpus.json \
+        --output_dir compare_world_s3
     python -m training.compare --seeds 1 --methods zero_shot,vlltr --output_dir compare_smoke
     python -m training.compare --clip openai/clip-vit-base-patch16 --train_file train.txt --test_file test.txt \
         --selection_file val.txt --image_root ROOT --class_names classes.txt --text_corpus corpus.json \
@@ -14,10 +19,16 @@ seed, `table.md` the mean ± standard deviation over seeds next to the paper's a
 each of the paper's claims, `compare.png` the per-method bars with each seed's value, and `per_class_accuracy.png`
 the per-class accuracy (mean over seeds) against training images.
 
-Without data flags it uses the demo's long-tailed digits and stand-in CLIP (`training/demo.py`), with schedules
-shorter still than the demo's (stage 1 20 epochs, stage 2 and the linear probes 30, against the demo's 30 / 50) so
-that every method over 3 seeds fits in about 20 minutes on 2 CPU cores; the defaults of `--stage1_epochs` etc. are
-those short schedules, not the paper's.
+Without data flags it uses the embedded world of `training.world` (`--data digits`: the demo's long-tailed digits),
+built once with `--data_seed` (a user's data is fixed), and a stand-in CLIP pre-trained on the world's pool once per
+seed (a user's pretrained CLIP is not: the seeds vary it), with schedules shorter than the demo's (world: stage 1 3
+epochs, stage 2 and the linear probes 4; digits 20 / 30 / 30), chosen to bring every method over 3 seeds near 25
+minutes on 2 CPU cores; the defaults of `--stage1_epochs` etc. are those short schedules, not the paper's. Data flags
+naming a folder written by `python -m training.world` (its `--image_root`) get the same stand-in per seed unless
+`--clip` is given. On a world, `results.json` (`world`, `world_per_seed`) and `table.md` also hold what the world
+lets one measure (`training.world_measures`): zero-shot by class name and by the averaged visual descriptions, the
+plain linear probe's many- and few-shot top-1, the share of visual sentences among the anchors AnSS, Random and Cut
+Off keep beside their share in the corpus, and among each test image's top-3 attended anchors in VL-LTR.
 """
 
 import json
@@ -27,6 +38,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +48,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPMode
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
-from modeling_vlltr import VLLTRModel
+from modeling_vlltr import VLLTRForImageClassification, VLLTRModel
 
 from . import run_cvlp, run_eval, run_lgr, run_lift, run_select_anchors
 from .arguments import CorpusArguments, DataArguments
@@ -54,6 +66,7 @@ from .metrics import (
     write_metrics_json,
 )
 from .splits import load_labelled_split
+from .world_measures import anchor_shares, explanation_visual_share, load_world, premise
 
 logger = logging.get_logger(__name__)
 
@@ -109,11 +122,13 @@ class CompareArguments:
         default=None, metadata={"help": "Few-shot boundary (default 20; digits 15)."}
     )
     # Shorter than the demo's 30 / 50 so that the 13 methods × 3 seeds fit in about 20 minutes on 2 CPU cores.
-    stage1_epochs: float = field(default=20, metadata={"help": "Stage-1 epochs (demo 30, reference 50)."})
-    stage2_epochs: float = field(
-        default=30, metadata={"help": "Stage-2 (LGR / FC head) epochs (demo 50, reference 50)."}
+    stage1_epochs: float | None = field(
+        default=None, metadata={"help": "Stage-1 epochs (default: world 3, digits and your data 20; reference 50)."}
     )
-    linear_epochs: float = field(default=30, metadata={"help": "Linear-probe epochs."})
+    stage2_epochs: float | None = field(
+        default=None, metadata={"help": "Stage-2 (LGR / FC head) epochs (default: world 4, digits 30; reference 50)."}
+    )
+    linear_epochs: float | None = field(default=None, metadata={"help": "Linear-probe epochs (world 4, digits 30)."})
     lift_epochs: float | None = field(
         default=None,
         metadata={
@@ -127,7 +142,13 @@ class CompareArguments:
     num_anchor_sentences: int = field(default=16, metadata={"help": "M anchors per class (the demo's 16)."})
     knn_k: int = field(default=5, metadata={"help": "K of the KNN head."})
     logit_adjustment_tau: float = field(default=1.0, metadata={"help": "τ of the logit-adjusted linear probe."})
-    standin_epochs: int = field(default=40, metadata={"help": "Demo data only: stand-in CLIP pre-training epochs."})
+    data: str = field(
+        default="world",
+        metadata={"help": "Without data flags: 'world' (training.world) or 'digits' (the demo's digits)."},
+    )
+    data_seed: int = field(default=0, metadata={"help": "Without data flags: the seed the data is built with."})
+    standin_epochs: int = field(default=40, metadata={"help": "Digits only: stand-in CLIP pre-training epochs."})
+    standin_steps: int = field(default=600, metadata={"help": "World only: stand-in CLIP pre-training steps."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace what --output_dir holds."})
 
 
@@ -156,6 +177,19 @@ class Runner:
         self.ctx, self.seed = ctx, seed
         self.root = ctx.out / f"seed_{seed}"
         self.done: dict[str, tuple[Path, float]] = {}
+        self._clip: str | None = None
+
+    @property
+    def clip(self) -> str:
+        """The CLIP every method of this seed starts from: `--clip`, or a stand-in pre-trained with this seed (its
+        pre-training is not counted in any method's seconds: a user brings a pretrained CLIP)."""
+        if self._clip is None:
+            if self.ctx.pretrain is None:
+                self._clip = self.ctx.clip
+            else:
+                folder, took = self.step("standin_clip", lambda out: self.ctx.pretrain(out, self.seed))
+                self.standin_seconds, self._clip = took, str(folder)
+        return self._clip
 
     def step(self, tag: str, work: Callable[[Path], object]) -> tuple[Path, float]:
         """Runs `work(folder)` once for this seed; returns the folder and the seconds it took (its own, not its
@@ -221,13 +255,13 @@ class Runner:
         return [stage1, anchors, lgr, self.evaluate(lgr[0], f"{tag}_eval")]
 
     def full_stage1(self) -> tuple[Path, float]:
-        return self.stage1(self.ctx.clip, 0.5, "stage1")
+        return self.stage1(self.clip, 0.5, "stage1")
 
     def linear_probe(self, tag: str = "linear_ce", extra: list[str] = ()) -> list[tuple[Path, float]]:
         """FC head on the starting CLIP, frozen tower, instance-balanced sampling, cross-entropy (plain unless
         `extra` says otherwise); the FC initialisation is shared by the probes of a seed."""
         a = self.ctx.args
-        init = self.select(self.ctx.clip, "linear_init", ["--head_type", "fc"])
+        init = self.select(self.clip, "linear_init", ["--head_type", "fc"])
         probe = self.stage2(init[0], tag, a.linear_epochs, a.linear_learning_rate, [*PLAIN_PROBE, *extra])
         return [init, probe, self.evaluate(probe[0], f"{tag}_eval")]
 
@@ -257,11 +291,11 @@ def register(method: Method) -> Method:
 
 
 def _zero_shot(r: Runner) -> list[tuple[Path, float]]:
-    return [r.step("zero_shot_eval", lambda out: zero_shot_eval(r.ctx, out))]
+    return [r.step("zero_shot_eval", lambda out: zero_shot_eval(r.ctx, out, r.clip))]
 
 
 def _no_clip(r: Runner) -> list[tuple[Path, float]]:
-    init = r.step("random_clip", lambda out: save_random_init(r.ctx.clip, out, r.seed))
+    init = r.step("random_clip", lambda out: save_random_init(r.clip, out, r.seed))
     return [init, *r.vlltr_from(r.stage1(str(init[0]), 0.0, "random_stage1"), "no_clip")]
 
 
@@ -288,7 +322,7 @@ def _lift(r: Runner) -> list[tuple[Path, float]]:
     logit-adjusted CE, `--lift_epochs` (10% of VL-LTR's stage-1 + stage-2 epochs by default), then `run_eval`."""
     c = r.ctx
     lift = r.step("lift", lambda out: run_lift.main(
-        ["--model_name_or_path", c.clip, "--output_dir", str(out), "--num_train_epochs", str(c.lift_epochs),
+        ["--model_name_or_path", r.clip, "--output_dir", str(out), "--num_train_epochs", str(c.lift_epochs),
          "--per_device_train_batch_size", str(c.args.batch_size), *c.augment, *r.common()]
     ))  # fmt: skip
     return [lift, r.evaluate(lift[0], "lift_eval")]
@@ -298,7 +332,7 @@ def _vlltr_lora(r: Runner) -> list[tuple[Path, float]]:
     """VL-LTR with LoRA adapters in both stages (`--peft lora`): stage 1 adapts both towers, stage 2 the image tower
     (its adapters merged into the saved checkpoints), the same schedules and anchors as `vlltr`."""
     lora = ["--peft", "lora"]
-    return r.vlltr_from(r.stage1(r.ctx.clip, 0.5, "stage1_lora", lora), "vlltr_lora", stage2_extra=lora)
+    return r.vlltr_from(r.stage1(r.clip, 0.5, "stage1_lora", lora), "vlltr_lora", stage2_extra=lora)
 
 
 for _method in (
@@ -311,10 +345,10 @@ for _method in (
            "run_lift: AdaptFormer image tower, cosine head from prompts, logit-adjusted CE, 10% of VL-LTR's epochs"),
     Method("vlltr_lora", "VL-LTR with LoRA adapters", _vlltr_lora, "run_cvlp and run_lgr with --peft lora"),
     Method("vlltr", "VL-LTR", lambda r: r.vlltr_from(r.full_stage1(), "vlltr"), "stage 1 (β = 0.5), AnSS, LGR"),
-    Method("no_pretrain", "  w/o CVLP pre-training", lambda r: r.vlltr_from((r.ctx.clip, 0.0), "no_pretrain"),
+    Method("no_pretrain", "  w/o CVLP pre-training", lambda r: r.vlltr_from((r.clip, 0.0), "no_pretrain"),
            "anchors and stage 2 from the starting CLIP"),
     Method("no_clip", "  w/o CLIP weights", _no_clip, "random init of the same architecture, stage 1 with β = 0"),
-    Method("no_dis", "  w/o L_dis", lambda r: r.vlltr_from(r.stage1(r.ctx.clip, 0.0, "stage1_no_dis"), "no_dis"),
+    Method("no_dis", "  w/o L_dis", lambda r: r.vlltr_from(r.stage1(r.clip, 0.0, "stage1_no_dis"), "no_dis"),
            "stage 1 with --distillation_beta 0"),
     Method("fc", "  FC head", _fc, "stage 1, then run_select_anchors --head_type fc and run_lgr"),
     Method("knn", "  KNN head", _knn, "stage 1, then run_eval --knn K over the training images"),
@@ -350,10 +384,10 @@ def _write_eval(out: Path, logits: np.ndarray, labels: np.ndarray, counts: np.nd
 
 
 @torch.no_grad()
-def zero_shot_eval(ctx: "Context", out: Path) -> None:
+def zero_shot_eval(ctx: "Context", out: Path, clip: str) -> None:
     """Zero-shot CLIP: each class is the normalised mean embedding of its 80 prompts (CLIP's prompt ensembling)."""
-    model = load_checked("--clip", VLLTRModel.from_pretrained, ctx.clip).eval()
-    tokenizer = load_checked("--clip", AutoTokenizer.from_pretrained, ctx.clip)
+    model = load_checked("--clip", VLLTRModel.from_pretrained, clip).eval()
+    tokenizer = load_checked("--clip", AutoTokenizer.from_pretrained, clip)
     class_names = ctx.train.class_names
     corpus, tokens = load_corpus(
         CorpusArguments(text_corpus="templates"), class_names, tokenizer, model.config.clip_config.text_config
@@ -402,11 +436,75 @@ class Context:
     train: object
     test: object
     note: str
+    pretrain: Callable[[Path, int], object] | None = None  # the stand-in's pre-training (folder, seed), per seed
+    world_root: str | None = None  # a training.world folder: its measurements are taken
 
     @property
     def lift_epochs(self) -> float:
         a = self.args
         return a.lift_epochs if a.lift_epochs is not None else max(1, round(0.1 * (a.stage1_epochs + a.stage2_epochs)))
+
+
+@torch.no_grad()
+def measure_world_seed(runner: Runner) -> dict:
+    """What the world lets one measure for one seed (`training.world_measures`), from the runs this seed made: the
+    premise from its starting CLIP (and the plain linear probe's many- and few-shot top-1), the visual share of the
+    anchors AnSS, Random and Cut Off kept, and of each test image's top-3 attended anchors in VL-LTR's checkpoint."""
+    ctx = runner.ctx
+    world = load_world(ctx.world_root)
+    names = ctx.train.class_names
+    row = {"seed": runner.seed, **premise(runner.clip, ctx.world_root, ctx.args.test_file, names)}
+    if "linear_ce_eval" in runner.done:
+        metrics = json.loads((runner.done["linear_ce_eval"][0] / "metrics.json").read_text())
+        row["linear_many_top1"], row["linear_few_top1"] = metrics["many_top1"], metrics["few_top1"]
+    folders = {k: runner.done[t][0] for k, t in WORLD_ANCHORS.items() if t in runner.done}
+    if folders:
+        shares = anchor_shares(folders, names, ctx.corpus_argv[ctx.corpus_argv.index("--text_corpus") + 1],
+                               world["visual_of"])  # fmt: skip
+        row.update({f"anchor_visual_share_{k}": v for k, v in shares.items()})
+    if "vlltr_stage2" in runner.done:
+        model = VLLTRForImageClassification.from_pretrained(runner.done["vlltr_stage2"][0]).eval()
+        test = ctx.test.dataset(
+            ProcessorTransform(eval_image_processor(model.config.clip_config.vision_config.image_size))
+        )
+        explained = explanation_visual_share(model, test, world["visual_of"], top_k=3)
+        row["explanations_visual_share_top3"] = explained["visual_share_top_anchors"]
+        row["explanations_visual_share_top3_correct"] = explained["visual_share_top_anchors_correct"]
+    return row
+
+
+# anchor strategies measured -> the run_select_anchors step of that method
+WORLD_ANCHORS = {"anss": "vlltr_anchors", "random": "random_anchors", "cutoff": "cutoff_anchors"}
+WORLD_ROWS = {
+    "chance": "chance",
+    "zero_shot_by_name_top1": "zero-shot by class name (80 templates)",
+    "zero_shot_by_visual_descriptions_top1": "zero-shot by averaged visual descriptions",
+    "zero_shot_by_all_descriptions_top1": "zero-shot by averaged descriptions (all)",
+    "linear_many_top1": "linear probe (CE), many-shot classes",
+    "linear_few_top1": "linear probe (CE), few-shot classes",
+    "anchor_visual_share_corpus_descriptions": "visual share: the descriptions",
+    "anchor_visual_share_corpus_candidates": "visual share: the candidates (80 templates + descriptions)",
+    "anchor_visual_share_anss": "visual share: anchors kept by AnSS",
+    "anchor_visual_share_random": "visual share: anchors kept by Random",
+    "anchor_visual_share_cutoff": "visual share: anchors kept by Cut Off",
+    "explanations_visual_share_top3": "visual share: each test image's top-3 attended anchors (VL-LTR)",
+    "explanations_visual_share_top3_correct": "the same, correctly classified test images",
+}
+
+
+def world_summary(rows: list[dict]) -> dict:
+    """Mean and sample std over seeds of every measured quantity, with each seed's value."""
+    keys = [k for k in WORLD_ROWS if any(k in r for r in rows)]
+    return {k: dict(zip(("mean", "std"), _summary([r.get(k) for r in rows])), per_seed=[r.get(k) for r in rows])
+            for k in keys}  # fmt: skip
+
+
+def world_markdown(summary: dict, seeds: int) -> str:
+    lines = ["The world's measurements (%, " + ("mean ± sample std over seeds" if seeds > 1 else "one seed")
+             + "; visual_sentences.json is read here only):", "", "| quantity | value |", "|---|---|"]  # fmt: skip
+    for key, value in summary.items():
+        lines.append(f"| {WORLD_ROWS[key]} | {_fmt(value['mean'], value['std'], seeds)} |")
+    return "\n".join(lines) + "\n"
 
 
 def _summary(values: list[float]) -> tuple[float, float]:
@@ -519,33 +617,83 @@ def _prepare_output_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+# Schedules short enough for every method over 3 seeds in about 25 minutes on 2 CPU cores, not the paper's. The world's
+# training split (~2,600 images) is six times the digits', so it gets fewer epochs.
+DIGITS_SCHEDULE = {"stage1_epochs": 20, "stage2_epochs": 30, "linear_epochs": 30}
+WORLD_SCHEDULE = {"stage1_epochs": 3, "stage2_epochs": 4, "linear_epochs": 4}
+
+
+def _schedule(args: CompareArguments, schedule: dict) -> None:
+    for name, value in schedule.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def _schedule_note(args: CompareArguments) -> str:
+    return (f"shortened schedules (stage 1 {args.stage1_epochs:g} epochs, stage 2 {args.stage2_epochs:g}, linear "
+            f"probe {args.linear_epochs:g}), not the paper's.")  # fmt: skip
+
+
+def _pretrain_world(data: dict, steps: int, out: Path, seed: int) -> str:
+    from .world import pretrain_world_clip
+
+    return pretrain_world_clip(data, out, seed, steps=steps)
+
+
+def _pretrain_digits(data: dict, epochs: int, out: Path, seed: int) -> str:
+    from . import demo
+
+    return demo.pretrain_standin_clip(data, out, seed, epochs=epochs)
+
+
 def build_context(args: CompareArguments, data_args: DataArguments, corpus_args: CorpusArguments) -> Context:
     out = Path(args.output_dir)
     user_data = data_args.train_file is not None or data_args.dataset_name is not None
+    pretrain, world_root = None, None
+    augment = ["--hflip", "0", "--crop_scale_min", "0.6", "--rand_augment", "False", "--random_erasing", "0"]
     if user_data:
         if args.test_file is None and args.test_split is None:
             raise UsageError("Give the split to evaluate on: --test_file (or --test_split with --dataset_name).")
-        if args.clip is None:
+        is_world = data_args.image_root is not None and (Path(data_args.image_root) / "world.json").is_file()
+        if args.clip is None and not is_world:
             raise UsageError("With your own data, give the CLIP to start from: --clip NAME_OR_FOLDER.")
         if corpus_args.text_corpus is None:
             raise UsageError("Give the class descriptions: --text_corpus (a JSON file, a folder, or 'templates').")
-        clip, augment = args.clip, []
         defaults = ShotThresholds()
-        note = "Your data, the schedules given by the --*_epochs flags."
-    else:  # the demo's long-tailed digits and stand-in CLIP
+        if is_world:  # a folder written by `python -m training.world`: its measurements, and its stand-in per seed
+            world_root = data_args.image_root
+            data = {"root": world_root, "pool_captions": str(Path(world_root) / "pool_captions.json")}
+            _schedule(args, WORLD_SCHEDULE)
+            note = (f"Data: the world in {world_root}; "
+                    + ("--clip " + args.clip if args.clip else "a stand-in CLIP pre-trained on its pool per seed")
+                    + "; " + _schedule_note(args))  # fmt: skip
+        else:
+            _schedule(args, DIGITS_SCHEDULE)
+            note, augment = "Your data, the schedules given by the --*_epochs flags.", []
+        if args.clip is None:
+            pretrain = partial(_pretrain_world, data, args.standin_steps)
+        clip = args.clip
+    else:  # the embedded world (or the demo's long-tailed digits) and a stand-in CLIP per seed
         from . import demo
 
-        logger.warning("No data flags: the demo's long-tailed digits and stand-in CLIP, with short schedules.")
-        data = demo.build_digits(out / "data", seed=0)
-        clip = args.clip or demo.pretrain_standin_clip(data, out / "standin_clip", seed=0, epochs=args.standin_epochs)
+        logger.warning(f"No data flags: the demo's data (--data {args.data}) and a stand-in CLIP, short schedules.")
+        data = demo.build_data(args.data, out / "data", seed=args.data_seed)
+        if args.clip is None:
+            pretrain = (partial(_pretrain_world, data, args.standin_steps) if args.data == "world"
+                        else partial(_pretrain_digits, data, args.standin_epochs))  # fmt: skip
+        clip = args.clip
         data_args = DataArguments(train_file=data["train"], image_root=data["root"], class_names=data["classes"])
         corpus_args = CorpusArguments(text_corpus=data["corpus"])
         args.test_file, args.selection_file = data["test"], data["val"]
-        augment = ["--hflip", "0", "--crop_scale_min", "0.6", "--rand_augment", "False", "--random_erasing", "0"]
-        defaults = demo.THRESHOLDS
-        note = (f"Data: the demo's long-tailed digits (imbalance {demo.IMBALANCE}), stand-in CLIP; shortened "
-                f"schedules (stage 1 {args.stage1_epochs:g} epochs, stage 2 {args.stage2_epochs:g}, linear probe "
-                f"{args.linear_epochs:g}), not the paper's.")  # fmt: skip
+        _schedule(args, WORLD_SCHEDULE if args.data == "world" else DIGITS_SCHEDULE)
+        defaults = demo.SETTINGS[args.data].thresholds
+        what = ("the embedded world (training.world, default arguments)" if args.data == "world"
+                else f"the demo's long-tailed digits (imbalance {demo.IMBALANCE})")  # fmt: skip
+        if args.data == "world":
+            world_root = data["root"]
+        note = (f"Data: {what}, seed {args.data_seed} (shared by the seeds: a user's data is fixed); "
+                + (f"--clip {args.clip}" if args.clip else "a stand-in CLIP pre-trained per seed") + "; "
+                + _schedule_note(args))  # fmt: skip
     thresholds = shot_thresholds(defaults, args.many_shot_threshold, args.few_shot_threshold)
     train = load_labelled_split(data_args, data_args.train_file, data_args.train_split, "training split")
     if train is None:
@@ -565,13 +713,15 @@ def build_context(args: CompareArguments, data_args: DataArguments, corpus_args:
         data_argv += ["--class_names", str(names_file)]
     threshold_argv = ["--many_shot_threshold", str(thresholds.many), "--few_shot_threshold", str(thresholds.few)]
     return Context(args, out, clip, data_argv, _argv_of(corpus_args), test_argv, selection_argv, threshold_argv,
-                   augment, thresholds, train, test, note)  # fmt: skip
+                   augment, thresholds, train, test, note, pretrain, world_root)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, data_args, corpus_args = parse_args((CompareArguments, DataArguments, CorpusArguments), argv)
     methods = _parse_methods(args.methods)
+    if args.data not in ("world", "digits"):
+        raise UsageError(f"--data must be 'world' or 'digits', got {args.data!r}.")
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}.")
     if args.clip is not None:
@@ -583,10 +733,11 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [args.first_seed + s for s in range(args.seeds)]
     print(ctx.note, flush=True)
 
-    runs, seconds = [], {m: [] for m in methods}
+    runs, seconds, world_rows, standin_seconds = [], {m: [] for m in methods}, [], []
     with tqdm(total=len(seeds) * len(methods), desc="Comparing", unit="run") as bar:
         for seed in seeds:
             runner = Runner(ctx, seed)
+            runner.clip  # noqa: B018 (the seed's stand-in is pre-trained here, outside every method's seconds)
             for name in methods:
                 bar.set_postfix(method=name, seed=seed)
                 steps = METHODS[name].run(runner)
@@ -602,11 +753,18 @@ def main(argv: list[str] | None = None) -> dict:
                     "per_class_top1": metrics["per_class"]["top1"],
                 })  # fmt: skip
                 bar.update()
+            if ctx.pretrain is not None:
+                standin_seconds.append(round(runner.standin_seconds, 1))
+            if ctx.world_root is not None:
+                world_rows.append(measure_world_seed(runner))
 
     per_seed = {m: {g: [r[g] for r in runs if r["method"] == m] for g in TOP1_GROUPS} for m in methods}
     summary = {m: {g: _summary(per_seed[m][g]) for g in TOP1_GROUPS} for m in methods}
     claims = verdicts(summary, len(seeds))
     table = markdown_table(summary, seconds, seeds, claims, ctx.note)
+    world = world_summary(world_rows) if world_rows else None
+    if world is not None:
+        table += "\n" + world_markdown(world, len(seeds))
     atomic_write_text(out / "table.md", table)
     plot_bars(summary, per_seed, out / "compare.png")
     counts = ctx.train.class_counts
@@ -640,6 +798,10 @@ def main(argv: list[str] | None = None) -> dict:
             for m in methods
         },  # fmt: skip
         "claims": claims,
+        "shared_by_the_seeds": "the data" + ("" if ctx.pretrain is not None else " and the starting CLIP (--clip)"),
+        "standin_clip_seconds": standin_seconds,
+        "world": world,
+        "world_per_seed": world_rows,
         "runs": runs,
         "total_seconds": round(time.time() - start, 1),
     }

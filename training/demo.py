@@ -1,13 +1,15 @@
 """The whole VL-LTR pipeline on real long-tailed images, on a laptop, with no downloads, against the baselines a
 practitioner would otherwise use.
 
-    python -m training.demo --output_dir demo_output                 # what `make demo` runs
+    python -m training.demo --output_dir demo_output                 # what `make demo` runs (the embedded world)
+    python -m training.demo --output_dir demo_digits --data digits   # the long-tailed handwritten digits
     python -m training.demo --output_dir demo_vitb --clip openai/clip-vit-base-patch16   # with a real CLIP
 
-1. A long-tailed dataset from scikit-learn's handwritten digits (1,797 real 8×8 scans shipped with the package):
-   a class-balanced test split, a small balanced selection split for anchor selection, an exponentially long-tailed
-   training split, and a disjoint pool; written as image files, split lists, class names and a JSON text corpus,
-   the formats a user brings.
+1. A long-tailed dataset, written as image files, split lists, class names and a JSON text corpus (the formats a
+   user brings), with a class-balanced test split, a small balanced selection split for anchor selection, an
+   exponentially long-tailed training split and a disjoint pool: by default the embedded world of `training.world`
+   (made-up class names that say nothing, descriptions that name the attributes, docs/world.md); with `--data
+   digits`, scikit-learn's handwritten digits (1,797 real 8×8 scans shipped with the package).
 2. A stand-in for a pretrained CLIP (the Hub is unreachable here): a small `CLIPModel` pre-trained CLIP-style on
    image-caption pairs from the pool and saved as a normal CLIP folder. `--clip NAME` uses that CLIP instead; every
    later step is the same code.
@@ -15,7 +17,8 @@ practitioner would otherwise use.
 4. Baselines and peers on the same splits: zero-shot CLIP with the 80 class prompts, CLIP fine-tuned with a plain
    linear classifier and cross-entropy, the LIFT-style peer (`run_lift`: AdaptFormer image tower, cosine head,
    logit-adjusted loss, 10% of VL-LTR's epochs), and VL-LTR with LoRA adapters in both stages (`--peft lora`).
-5. One table (overall / many / medium / few top-1 and the seconds each method took), `results.json`,
+5. One table (overall / many / medium / few top-1 and the seconds each method took), on the world its premise and
+   how visual the kept and the attended anchors are (`training.world_measures`), `results.json`,
    `per_class_accuracy.png`, the anchor report and the final checkpoint with its model card; then the stock
    `pipeline("image-classification")` on a few test images.
 """
@@ -26,7 +29,9 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +52,11 @@ from .data import ProcessorTransform, eval_image_processor, train_transform
 from .embedding import embed_images, embed_texts
 from .io_utils import atomic_write_json, atomic_write_text
 from .metrics import TOP1_GROUPS, ShotThresholds, group_top1, long_tail_metrics, plot_per_class_accuracy
-from .splits import load_labelled_split
+from .splits import ImageDataset, load_labelled_split, read_image_list
 from .standin_clip import build_char_tokenizer, save_clip_folder, small_clip_config
 from .threads import configure_threads
+from .world import WorldArguments, build_world, pretrain_world_clip
+from .world_measures import anchor_shares, explanation_visual_share, load_world, pct, premise
 
 logger = logging.get_logger(__name__)
 
@@ -121,6 +128,7 @@ def build_digits(root: Path, seed: int) -> dict:
     paths["corpus"] = str(root / "corpus.json")
     atomic_write_json(paths["corpus"], DESCRIPTIONS)
     paths["train_counts"] = [counts[c] for c in range(10)]
+    paths["class_names"] = list(CLASS_NAMES)
     return paths
 
 
@@ -136,9 +144,7 @@ def pretrain_standin_clip(data: dict, out: Path, seed: int, epochs: int = 40, ba
     tokenizer = build_char_tokenizer()
     model = CLIPModel(small_clip_config(image_size=32, patch_size=4, width=64, layers=3, heads=4, projection_dim=64))
     configure_threads(model.config)
-    pool = load_labelled_split(
-        DataArguments(image_root=data["root"]), data["pool"], None, "pool", class_names=CLASS_NAMES
-    )
+    pool = load_labelled_split(DataArguments(image_root=data["root"]), data["pool"], None, "pool", CLASS_NAMES)
     # Light crops only, drawn by torchvision: the stand-in is not part of VL-LTR, and its contrastive start sits on
     # a plateau (loss ln(batch)) it leaves only after a few hundred steps; with timm's crops (the VL-LTR default since
     # the reference augmentation) seed 0 never left it and the stand-in stayed at chance.
@@ -184,20 +190,101 @@ def zero_shot_logits(clip_path: str, data: dict) -> tuple[np.ndarray, np.ndarray
     """Zero-shot CLIP: each class is the normalised mean embedding of its 80 prompts (CLIP's prompt ensembling)."""
     model = VLLTRModel.from_pretrained(clip_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(clip_path)
+    names = data["class_names"]
     corpus, tokens = load_corpus(
-        CorpusArguments(text_corpus="templates"), CLASS_NAMES, tokenizer, model.config.clip_config.text_config
+        CorpusArguments(text_corpus="templates"), names, tokenizer, model.config.clip_config.text_config
     )
     text = F.normalize(embed_texts(model, tokens, desc="Zero-shot prompts"), dim=-1)
     labels = torch.as_tensor(corpus.labels)
-    classes = F.normalize(torch.stack([text[labels == c].mean(0) for c in range(len(CLASS_NAMES))]), dim=-1)
+    classes = F.normalize(torch.stack([text[labels == c].mean(0) for c in range(len(names))]), dim=-1)
     processor = eval_image_processor(model.config.clip_config.vision_config.image_size)
-    split = load_labelled_split(
-        DataArguments(image_root=data["root"]), data["test"], None, "test", class_names=CLASS_NAMES
-    )
+    split = load_labelled_split(DataArguments(image_root=data["root"]), data["test"], None, "test", class_names=names)
     test = split.dataset(ProcessorTransform(processor))
     image = F.normalize(embed_images(model, test, desc="Zero-shot images"), dim=-1)
     logits = model.clip.logit_scale.exp() * image @ classes.T
     return logits.numpy(), test.labels
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The datasets, and what the world lets one measure
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A dataset of the demo and the schedules that keep `make demo` within about 6 minutes on 2 CPU cores."""
+
+    title: str
+    short: str
+    thresholds: ShotThresholds
+    test_per_class: int
+    stage1_epochs: float
+    stage2_epochs: float
+    linear_epochs: float
+    lift_epochs: float
+    pretrain: Callable
+
+
+SETTINGS = {
+    # the world's training split is ~2,600 images (200 down to 2 over 60 classes), six times the digits': fewer epochs
+    "world": Setting("The embedded world (training.world): made-up class names, descriptions that name attributes",
+                     "Embedded world", ShotThresholds(), 30, 4, 6, 4, 1, pretrain_world_clip),
+    "digits": Setting("Long-tailed digits from scikit-learn's load_digits (real 8×8 scans)", "Long-tailed digits",
+                      THRESHOLDS, TEST_PER_CLASS, 30, 50, 30, 8, pretrain_standin_clip),
+}  # fmt: skip
+
+
+def build_data(kind: str, root: Path, seed: int) -> dict:
+    """The demo's dataset under `root`: the world with its default arguments, or the digits; seeded."""
+    if kind == "world":
+        return build_world(WorldArguments(output_dir=str(root), seed=seed))
+    return build_digits(root, seed)
+
+
+def world_measurements(clip: str, data: dict, out: Path, final: Path, common: list[str], linear: dict) -> dict:
+    """The world's premise (zero-shot by name and by visual descriptions; the linear baseline's few- against
+    many-shot top-1, from its `group_top1` row `linear`), the visual share of the anchors AnSS, Random and Cut Off keep from the same stage-1 model
+    (beside the corpus's), and of each test image's top-3 attended anchors in the final VL-LTR checkpoint."""
+    world = load_world(data["root"])
+    names = data["class_names"]
+    measured = {"premise": premise(clip, data["root"], data["test"], names)}
+    measured["premise"]["linear_many_top1"], measured["premise"]["linear_few_top1"] = linear["many"], linear["few"]
+    folders = {"anss": out / "anchors"}
+    for strategy in ("random", "cutoff"):
+        folders[strategy] = out / f"anchors_{strategy}"
+        run_select_anchors.main(
+            ["--model_name_or_path", str(out / "stage1"), "--selection_file", data["val"], "--text_corpus",
+             data["corpus"], "--num_anchor_sentences", "16", "--anchor_selection", strategy, "--output_dir",
+             str(folders[strategy]), *common]
+        )  # fmt: skip
+    measured["anchor_visual_share"] = anchor_shares(folders, names, data["corpus"], world["visual_of"])
+    model = VLLTRForImageClassification.from_pretrained(final).eval()
+    processor = eval_image_processor(model.config.clip_config.vision_config.image_size)
+    test = ImageDataset(read_image_list(data["test"], data["root"]), ProcessorTransform(processor))
+    measured["explanations"] = explanation_visual_share(model, test, world["visual_of"], top_k=3)
+    return measured
+
+
+def world_table(m: dict) -> str:
+    """The world measurements as Markdown (top-1 and shares in %)."""
+    p, a, e = m["premise"], m["anchor_visual_share"], m["explanations"]
+    return "\n".join([
+        "| premise | top-1 (%) |", "|---|---|",
+        f"| chance | {pct(p['chance'])} |",
+        f"| zero-shot by class name (80 templates) | {pct(p['zero_shot_by_name_top1'])} |",
+        f"| zero-shot by averaged visual descriptions | {pct(p['zero_shot_by_visual_descriptions_top1'])} |",
+        f"| zero-shot by averaged descriptions (all) | {pct(p['zero_shot_by_all_descriptions_top1'])} |",
+        f"| linear baseline, many-shot classes | {pct(p['linear_many_top1'])} |",
+        f"| linear baseline, few-shot classes | {pct(p['linear_few_top1'])} |",
+        "", "| visual sentences among | share (%) |", "|---|---|",
+        f"| the descriptions | {pct(a['corpus_descriptions'])} |",
+        f"| the candidates (80 templates + descriptions) | {pct(a['corpus_candidates'])} |",
+        f"| anchors kept by AnSS | {pct(a['anss'])} |",
+        f"| anchors kept by Random | {pct(a['random'])} |",
+        f"| anchors kept by Cut Off | {pct(a['cutoff'])} |",
+        f"| each test image's top-{e['top_k']} attended anchors (VL-LTR) | {pct(e['visual_share_top_anchors'])} |",
+        f"| the same, correctly classified images | {pct(e['visual_share_top_anchors_correct'])} |",
+    ])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -251,6 +338,12 @@ def _timed(seconds: dict[str, float], name: str):
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="demo_output")
+    parser.add_argument(
+        "--data",
+        choices=list(SETTINGS),
+        default="world",
+        help="The embedded world (training.world, the default) or the long-tailed digits.",
+    )
     parser.add_argument("--clip", default=None, help="A CLIP checkpoint (Hub name or folder) instead of the stand-in.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite_output_dir", action="store_true")
@@ -265,26 +358,27 @@ def main(argv: list[str] | None = None) -> dict:
         except (OSError, ValueError) as e:
             raise UsageError(f"--clip {args.clip}: {str(e).strip().splitlines()[0]}") from None
     out = Path(args.output_dir)
-    manifest = {"demo": "vlltr digits-lt", "seed": args.seed, "clip": args.clip}
+    setting = SETTINGS[args.data]
+    manifest = {"demo": f"vlltr {args.data}-lt", "seed": args.seed, "clip": args.clip}
     _check_output_dir(out, manifest, args.overwrite_output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "demo_manifest.json", manifest)
     torch.manual_seed(args.seed)
     timings, start = {}, time.time()
 
-    _banner("1/6", "Long-tailed digits from scikit-learn's load_digits (real 8×8 scans)")
-    data = build_digits(out / "data", args.seed)
+    _banner("1/6", setting.title)
+    data = build_data(args.data, out / "data", args.seed)
+    names, thresholds_ = data["class_names"], setting.thresholds
     counts = np.array(data["train_counts"])
-    groups = THRESHOLDS.group_of(counts)
-    print(
-        f"training images per class: {dict(zip(CLASS_NAMES, counts.tolist()))} (imbalance {counts.max() // counts.min()}:1)"
-    )
-    print(f"shot groups (many > {THRESHOLDS.many}, few < {THRESHOLDS.few}): "
-          + ", ".join(f"{g}: {[CLASS_NAMES[c] for c in np.flatnonzero(groups == g)]}" for g in ("many", "medium", "few")))  # fmt: skip
+    groups = thresholds_.group_of(counts)
+    print(f"{len(names)} classes, training images per class {counts.max()} down to {counts.min()} (imbalance "
+          f"{counts.max() // counts.min()}:1)")  # fmt: skip
+    print(f"shot groups (many > {thresholds_.many}, few < {thresholds_.few}): "
+          + ", ".join(f"{g}: {int((groups == g).sum())} classes" for g in ("many", "medium", "few")))  # fmt: skip
     timings["data"] = time.time() - start
 
     _banner("2/6", "CLIP" + (f": {args.clip}" if args.clip else ": stand-in, pre-trained on the disjoint pool"))
-    clip = args.clip or pretrain_standin_clip(data, out / "standin_clip", args.seed)
+    clip = args.clip or setting.pretrain(data, out / "standin_clip", args.seed)
     timings["clip"] = time.time() - start - sum(timings.values())
 
     fast = ["--seed", str(args.seed), "--report_to", "none", "--logging_steps", "20", "--save_strategy", "no",
@@ -299,8 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
         """Stage 1, AnSS, stage 2: the demo's VL-LTR (`peft` empty) or VL-LTR with LoRA in both stages."""
         run_cvlp.main(
             ["--model_name_or_path", clip, "--train_file", data["train"], "--text_corpus", data["corpus"],
-             "--output_dir", str(out / f"{tag}stage1"), "--num_train_epochs", "30", "--per_device_train_batch_size",
-             "64", "--learning_rate", "5e-4", *peft, *augment, *common]
+             "--output_dir", str(out / f"{tag}stage1"), "--num_train_epochs", str(setting.stage1_epochs),
+             "--per_device_train_batch_size", "64", "--learning_rate", "5e-4", *peft, *augment, *common]
         )  # fmt: skip
         run_select_anchors.main(
             ["--model_name_or_path", str(out / f"{tag}stage1"), "--selection_file", data["val"], "--text_corpus",
@@ -308,22 +402,23 @@ def main(argv: list[str] | None = None) -> dict:
         )  # fmt: skip
         run_lgr.main(
             ["--model_name_or_path", str(out / f"{tag}anchors"), "--train_file", data["train"], "--output_dir",
-             str(final), "--num_train_epochs", "50", "--per_device_train_batch_size", "64", "--learning_rate", "3e-3",
+             str(final), "--num_train_epochs", str(setting.stage2_epochs), "--per_device_train_batch_size", "64",
+             "--learning_rate", "3e-3",
              *peft, *augment, *common]
         )  # fmt: skip
 
-    final = out / "vlltr-digits-lt"
+    final = out / f"vlltr-{args.data}-lt"
     with _timed(seconds, "vlltr"):
         vlltr_stages("", final, [])
     timings["vlltr"] = time.time() - start - sum(timings.values())
 
     _banner("4/6", "Evaluation and baselines on the same splits")
-    thresholds = ["--many_shot_threshold", str(THRESHOLDS.many), "--few_shot_threshold", str(THRESHOLDS.few)]
+    thresholds = ["--many_shot_threshold", str(thresholds_.many), "--few_shot_threshold", str(thresholds_.few)]
     evaluate = ["--test_file", data["test"], "--train_file", data["train"], *thresholds, *common]
     hub = ["--push_to_hub", "--hub_model_id", args.hub_model_id] if args.push_to_hub else []
     with _timed(seconds, "vlltr"):
         vlltr = run_eval.main(
-            ["--model_name_or_path", str(final), "--output_dir", str(out / "eval"), "--dataset_tag", "digits-lt",
+            ["--model_name_or_path", str(final), "--output_dir", str(out / "eval"), "--dataset_tag", f"{args.data}-lt",
              "--explain", "8", *evaluate, *hub]
         )  # fmt: skip
 
@@ -331,12 +426,12 @@ def main(argv: list[str] | None = None) -> dict:
     # smoothing, instance-balanced sampling, trained with the same stage-2 trainer (FC head).
     with _timed(seconds, "linear"):
         linear_start = out / "baseline_linear_init"
-        config = VLLTRConfig.from_pretrained(clip, id2label=dict(enumerate(CLASS_NAMES)), head_type="fc")
+        config = VLLTRConfig.from_pretrained(clip, id2label=dict(enumerate(names)), head_type="fc")
         load_new_head(VLLTRForImageClassification.from_pretrained, clip, config=config).save_pretrained(linear_start)
         run_lgr.main(
             ["--model_name_or_path", str(linear_start), "--train_file", data["train"], "--output_dir",
-             str(out / "baseline_linear"), "--num_train_epochs", "30", "--per_device_train_batch_size", "64",
-             "--learning_rate", "5e-4", "--train_vision_tower", "True", "--sampling", "instance", "--mixup_alpha",
+             str(out / "baseline_linear"), "--num_train_epochs", str(setting.linear_epochs),
+             "--per_device_train_batch_size", "64", "--learning_rate", "5e-4", "--train_vision_tower", "True", "--sampling", "instance", "--mixup_alpha",
              "0", "--cutmix_alpha", "0", "--label_smoothing", "0", *augment, *common]
         )  # fmt: skip
         linear = run_eval.main(
@@ -345,13 +440,15 @@ def main(argv: list[str] | None = None) -> dict:
         )  # fmt: skip
     with _timed(seconds, "zero_shot"):
         zs_logits, zs_labels = zero_shot_logits(clip, data)
-        zero_shot = long_tail_metrics(zs_logits, zs_labels, counts, THRESHOLDS)
+        zero_shot = long_tail_metrics(zs_logits, zs_labels, counts, thresholds_)
     # The LIFT-style peer with its defaults (AdaptFormer in every layer, cosine head from "a photo of a {}.",
-    # logit-adjusted CE τ 1, SGD 0.01): 8 epochs, 10% of the demo's VL-LTR epochs (30 + 50), as LIFT's 10 are of the paper's 100.
+    # logit-adjusted CE τ 1, SGD 0.01): 10% of the demo's VL-LTR epochs (stage 1 + stage 2), as LIFT's 10 are of
+    # the paper's 100.
     with _timed(seconds, "lift"):
         run_lift.main(
             ["--model_name_or_path", clip, "--train_file", data["train"], "--output_dir", str(out / "lift"),
-             "--num_train_epochs", "8", "--per_device_train_batch_size", "64", *augment, *common]
+             "--num_train_epochs", str(setting.lift_epochs), "--per_device_train_batch_size", "64", *augment,
+             *common]
         )  # fmt: skip
         lift = run_eval.main(
             ["--model_name_or_path", str(out / "lift"), "--output_dir", str(out / "eval_lift"), *evaluate]
@@ -386,36 +483,46 @@ def main(argv: list[str] | None = None) -> dict:
           "gives the mean ± std over seeds, beside the paper's ablation)")  # fmt: skip
     print(f"VL-LTR branches alone, overall top-1: image {100 * vlltr['image_top1']:.1f}, "
           f"text {100 * vlltr['text_top1']:.1f}")  # fmt: skip
-    plot_per_class_accuracy(per_class, counts, out / "per_class_accuracy.png", THRESHOLDS,
-                            title="Long-tailed digits: per-class top-1 against training images")  # fmt: skip
+    plot_per_class_accuracy(per_class, counts, out / "per_class_accuracy.png", thresholds_,
+                            title=f"{setting.short}: per-class top-1 against training images")  # fmt: skip
+    measured = {}
+    if args.data == "world":
+        _banner("5/6", "The world's premise and how visual the anchors are (visual_sentences.json, for measurement)")
+        measured = world_measurements(clip, data, out, final, common, _row(linear, 0))
+        print(world_table(measured))
     shutil.copy(out / "anchors" / "anchor_report.md", out / "anchor_report.md")
     timings["total"] = time.time() - start
     results = {
         "command": "python -m training.demo " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seed": args.seed,
         "clip": args.clip or "stand-in (pre-trained by the demo)",
-        "train_counts": dict(zip(CLASS_NAMES, counts.tolist())),
-        "thresholds": {"many": THRESHOLDS.many, "few": THRESHOLDS.few, "inclusive": THRESHOLDS.inclusive},
+        "data": args.data,
+        "train_counts": dict(zip(names, counts.tolist())),
+        "thresholds": {"many": thresholds_.many, "few": thresholds_.few, "inclusive": thresholds_.inclusive},
         "test_images": int(len(zs_labels)),
         "methods": {name: row for name, row in rows.items()},
         "vlltr_branches": {"image_top1": vlltr["image_top1"], "text_top1": vlltr["text_top1"]},
         "per_class_top1": {name: values.tolist() for name, values in per_class.items()},
         "table_markdown": table,
+        **({"world": measured, "world_table_markdown": world_table(measured)} if measured else {}),
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", table + "\n" + (f"\n{world_table(measured)}\n" if measured else ""))
 
     _banner("6/6", f"pipeline('image-classification') on the final checkpoint {final}")
     classifier = pipeline("image-classification", model=str(final), device="cpu")
-    test_rows = [line.split() for line in Path(data["test"]).read_text().splitlines()][:: TEST_PER_CLASS * 2][:5]
+    test_rows = [line.split() for line in Path(data["test"]).read_text().splitlines()][:: setting.test_per_class * 2][
+        :5
+    ]
     for rel, label in test_rows:
         predictions = classifier(str(Path(data["root"]) / rel), top_k=3)
         shown = ", ".join(f"{p['label']} {p['score']:.2f}" for p in predictions)
-        print(f"{rel} (a {CLASS_NAMES[int(label)]}): {shown}")
+        print(f"{rel} (a {names[int(label)]}): {shown}")
     print(f"Why these classes? {out / 'eval' / 'explanations.md'} and {out / 'eval' / 'explanations.png'}: the "
           "anchor sentences a few correct and wrong predictions attended to.")  # fmt: skip
-    print(f"\nWrote {out / 'results.json'}, {out / 'per_class_accuracy.png'}, {out / 'anchor_report.md'} and the "
-          f"checkpoint {final} (model card: {final / 'README.md'}) in {timings['total']:.0f} s.")  # fmt: skip
+    print(f"\nWrote {out / 'results.md'}, {out / 'results.json'}, {out / 'per_class_accuracy.png'}, "
+          f"{out / 'anchor_report.md'} and the checkpoint {final} (model card: {final / 'README.md'}) in {timings['total']:.0f} s.")  # fmt: skip
     return results
 
 

@@ -1,19 +1,21 @@
-"""A class that arrives after training, measured on the demo's long-tailed digits: train VL-LTR on nine classes, add
-the tenth from its sentences alone (`training.add_classes`), then give it its first 5 images (`run_select_anchors
---classes`, `run_lgr --train_classes`); against zero-shot CLIP on the same test images.
+"""A class that arrives after training, measured on the demo's data (the embedded world by default, `--data digits`
+for the digits): train VL-LTR on all classes but one, add the last from its description alone
+(`training.add_classes`: no image of it), then give it its first 5 images (`run_select_anchors --classes`,
+`run_lgr --train_classes`); against chance and zero-shot CLIP on the same test images.
 
     python -m training.demo_new_class --output_dir demo_new_class            # the rarest class is held out
-    python -m training.demo_new_class --output_dir demo_new_class --held_out seven --clip demo_output/standin_clip
+    python -m training.demo_new_class --output_dir demo_new_class_digits --data digits --held_out seven
 
-Steps: the demo's splits (`training.demo.build_digits`, same seed) with one class removed from every split; the
-stand-in CLIP (or `--clip`); stage 1, anchor selection and stage 2 on the nine classes with the demo's settings;
-`add_classes` with the held-out class's prompt templates and descriptions; then AnSS on the nine classes'
-selection images plus the held-out class's 5 training images, and its row of the image branch trained on the nine
-classes' training split plus those 5 images. Every model is scored on the full 10-class test split. Writes
+Steps: the demo's splits (`training.demo.build_data`, same seed) with one class removed from every split; the
+stand-in CLIP (or `--clip`); stage 1, anchor selection and stage 2 on the other classes with the demo's settings;
+`add_classes` with the held-out class's prompt templates and descriptions; then AnSS on the other classes'
+selection images plus the held-out class's 5 training images, and its row of the image branch trained on the other
+classes' training split plus those 5 images. Every model is scored on the full test split. Writes
 `results.json` and `new_class_results.md` (the table, as measured), and explanations of a few held-out test images.
 """
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -25,14 +27,7 @@ from modeling_vlltr import VLLTRForImageClassification
 from . import add_classes, run_cvlp, run_lgr, run_select_anchors
 from .cli import UsageError, run_main
 from .data import ProcessorTransform, eval_image_processor
-from .demo import (
-    CLASS_NAMES,
-    DESCRIPTIONS,
-    _check_output_dir,
-    build_digits,
-    pretrain_standin_clip,
-    zero_shot_logits,
-)
+from .demo import SETTINGS, _check_output_dir, build_data, zero_shot_logits
 from .embedding import predict_logits
 from .explain import explain_examples, explanation_figure, explanation_report
 from .io_utils import atomic_write_json, atomic_write_text
@@ -49,32 +44,41 @@ def _rows(path: str) -> list[tuple[str, int]]:
 
 
 def held_out_splits(data: dict, held_out: int, out: Path) -> dict:
-    """The nine-class splits (labels renumbered 0..8 in class order), and the 10-class files of the grown model,
-    whose new class gets label 9: its test split, and the selection / training splits with 5 images of it."""
-    names9 = [name for c, name in enumerate(CLASS_NAMES) if c != held_out]
-    new_label = {c: names9.index(name) for c, name in enumerate(CLASS_NAMES) if c != held_out} | {held_out: 9}
+    """The splits of the C - 1 kept classes (labels renumbered 0..C-2 in class order; files named `*_nine` from the
+    digits' 9 + 1), and the C-class files of the grown model, whose new class gets the last label C - 1: its test
+    split, and the selection / training splits with 5 images of it."""
+    class_names = data["class_names"]
+    descriptions = json.loads(Path(data["corpus"]).read_text())
+    names9 = [name for c, name in enumerate(class_names) if c != held_out]
+    new = len(names9)
+    new_label = {c: names9.index(name) for c, name in enumerate(class_names) if c != held_out} | {held_out: new}
     split = {s: [(rel, new_label[c]) for rel, c in _rows(data[s])] for s in ("train", "val", "test")}
-    new_train = [(rel, y) for rel, y in split["train"] if y == 9][:5]
-    paths = {"root": data["root"], "new_class": CLASS_NAMES[held_out], "num_new_train": len(new_train)}
+    new_train = [(rel, y) for rel, y in split["train"] if y == new][:5]
+    paths = {
+        "root": data["root"],
+        "new_class": class_names[held_out],
+        "num_new_train": len(new_train),
+        "new_label": new,
+    }
     for s in ("train", "val", "test"):
-        paths[f"{s}9"] = _write_split(out / f"{s}_nine.txt", [(rel, y) for rel, y in split[s] if y != 9])
+        paths[f"{s}9"] = _write_split(out / f"{s}_nine.txt", [(rel, y) for rel, y in split[s] if y != new])
     paths["test10"] = _write_split(out / "test_ten.txt", split["test"])
-    paths["val10"] = _write_split(out / "val_nine_plus_new.txt", [r for r in split["val"] if r[1] != 9] + new_train)
+    paths["val10"] = _write_split(out / "val_nine_plus_new.txt", [r for r in split["val"] if r[1] != new] + new_train)
     paths["train10"] = _write_split(
-        out / "train_nine_plus_new.txt", [r for r in split["train"] if r[1] != 9] + new_train
+        out / "train_nine_plus_new.txt", [r for r in split["train"] if r[1] != new] + new_train
     )
     paths["classes9"] = str(out / "classes_nine.txt")
     atomic_write_text(paths["classes9"], "\n".join(names9) + "\n")
     paths["classes10"] = str(out / "classes_ten.txt")
-    atomic_write_text(paths["classes10"], "\n".join([*names9, CLASS_NAMES[held_out]]) + "\n")
+    atomic_write_text(paths["classes10"], "\n".join([*names9, class_names[held_out]]) + "\n")
     paths["new_names"] = str(out / "new_class.txt")
-    atomic_write_text(paths["new_names"], CLASS_NAMES[held_out] + "\n")
+    atomic_write_text(paths["new_names"], class_names[held_out] + "\n")
     paths["corpus9"] = str(out / "corpus_nine.json")
-    atomic_write_json(paths["corpus9"], {name: DESCRIPTIONS[name] for name in names9})
+    atomic_write_json(paths["corpus9"], {name: descriptions[name] for name in names9})
     paths["corpus10"] = str(out / "corpus_ten.json")
-    atomic_write_json(paths["corpus10"], DESCRIPTIONS)
+    atomic_write_json(paths["corpus10"], descriptions)
     paths["new_corpus"] = str(out / "new_class.json")
-    atomic_write_json(paths["new_corpus"], {CLASS_NAMES[held_out]: DESCRIPTIONS[CLASS_NAMES[held_out]]})
+    atomic_write_json(paths["new_corpus"], {class_names[held_out]: descriptions[class_names[held_out]]})
     return paths
 
 
@@ -103,28 +107,32 @@ def _pct(value) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m training.demo_new_class", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="demo_new_class")
+    parser.add_argument("--data", choices=list(SETTINGS), default="world", help="The demo's data: world or digits.")
     parser.add_argument("--held_out", default=None, help="The class to hold out (default: the rarest in training).")
     parser.add_argument("--clip", default=None, help="A CLIP folder (e.g. demo_output/standin_clip) to start from.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite_output_dir", action="store_true")
     args = parser.parse_args(argv)
-    if args.held_out is not None and args.held_out not in CLASS_NAMES:
-        raise UsageError(f"--held_out {args.held_out!r}: not one of the demo's classes {CLASS_NAMES}.")
+    setting = SETTINGS[args.data]
     out = Path(args.output_dir)
-    manifest = {"demo": "vlltr digits-lt new class", "seed": args.seed, "clip": args.clip, "held_out": args.held_out}
+    manifest = {"demo": f"vlltr {args.data}-lt new class", "seed": args.seed, "clip": args.clip,
+                "held_out": args.held_out}  # fmt: skip
     _check_output_dir(out, manifest, args.overwrite_output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "demo_manifest.json", manifest)
     torch.manual_seed(args.seed)
     start = time.time()
 
-    data = build_digits(out / "data", args.seed)
+    data = build_data(args.data, out / "data", args.seed)
+    class_names = data["class_names"]
+    if args.held_out is not None and args.held_out not in class_names:
+        raise UsageError(f"--held_out {args.held_out!r}: not one of the demo's classes ({', '.join(class_names)}).")
     counts = np.array(data["train_counts"])
-    held_out = CLASS_NAMES.index(args.held_out) if args.held_out else int(np.argmin(counts))
+    held_out = class_names.index(args.held_out) if args.held_out else int(np.argmin(counts))
     splits = held_out_splits(data, held_out, out)
-    name = CLASS_NAMES[held_out]
+    name, new = class_names[held_out], splits["new_label"]
     print(f"Held out: {name!r} ({counts[held_out]} training images in the demo)")
-    clip = args.clip or pretrain_standin_clip(data, out / "standin_clip", args.seed)
+    clip = args.clip or setting.pretrain(data, out / "standin_clip", args.seed)
 
     plain = ["--seed", str(args.seed), "--report_to", "none", "--disable_tqdm", "True"]
     fast = [*plain, "--logging_steps", "20", "--save_strategy", "no", "--dataloader_num_workers", "0",
@@ -136,8 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- VL-LTR on nine classes (the demo's settings) ----------------------------------------------------------------
     run_cvlp.main(
         ["--model_name_or_path", clip, "--train_file", splits["train9"], "--text_corpus", splits["corpus9"],
-         "--output_dir", str(out / "stage1"), "--num_train_epochs", "30", "--per_device_train_batch_size", "64",
-         "--learning_rate", "5e-4", *augment, *nine]
+         "--output_dir", str(out / "stage1"), "--num_train_epochs", str(setting.stage1_epochs),
+         "--per_device_train_batch_size", "64", "--learning_rate", "5e-4", *augment, *nine]
     )  # fmt: skip
     run_select_anchors.main(
         ["--model_name_or_path", str(out / "stage1"), "--selection_file", splits["val9"], "--text_corpus",
@@ -145,11 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     run_lgr.main(
         ["--model_name_or_path", str(out / "anchors"), "--train_file", splits["train9"], "--output_dir",
-         str(out / "nine"), "--num_train_epochs", "50", "--per_device_train_batch_size", "64", "--learning_rate",
-         "3e-3", *augment, *nine]
+         str(out / "nine"), "--num_train_epochs", str(setting.stage2_epochs), "--per_device_train_batch_size", "64",
+         "--learning_rate", "3e-3", *augment, *nine]
     )  # fmt: skip
 
-    # ---- The tenth class: from its sentences, then with 5 images ---------------------------------------------------
+    # ---- The held-out class: from its sentences, then with 5 images ---------------------------------------------------
     add_classes.main(
         ["--model_name_or_path", str(out / "nine"), "--class_names", splits["new_names"], "--text_corpus",
          splits["new_corpus"], "--output_dir", str(out / "added"), *plain]
@@ -164,19 +172,21 @@ def main(argv: list[str] | None = None) -> dict:
          "--per_device_train_batch_size", "64", "--learning_rate", "1e-2", *augment, *ten]
     )  # fmt: skip
 
-    # ---- Scores on the 10-class test split ---------------------------------------------------------------------------
+    # ---- Scores on the full test split ----------------------------------------------------------------------------------
     nine_pred, nine_labels, _ = _evaluate(out / "nine", splits["test9"], splits["root"])
     before = float((nine_pred == nine_labels).mean())
     rows = {}
-    zs_logits, zs_labels = zero_shot_logits(clip, data)  # the 10 original classes, original labels
+    zs_logits, zs_labels = zero_shot_logits(clip, data)  # all the original classes, original labels
     zs_pred = zs_logits.argmax(-1)
     zero_shot = {
         "new_class_top1": float((zs_pred[zs_labels == held_out] == held_out).mean()),
         "nine_classes_top1": float((zs_pred[zs_labels != held_out] == zs_labels[zs_labels != held_out]).mean()),
         "all_top1": float((zs_pred == zs_labels).mean()),
     }
-    rows["Zero-shot CLIP (80 prompts, 10 classes)"] = zero_shot
-    rows["VL-LTR trained on the nine (cannot predict it)"] = {
+    rows["Chance"] = {"new_class_top1": 1 / len(class_names), "nine_classes_top1": 1 / len(class_names),
+                      "all_top1": 1 / len(class_names)}  # fmt: skip
+    rows[f"Zero-shot CLIP (80 prompts, {len(class_names)} classes)"] = zero_shot
+    rows[f"VL-LTR trained on the other {new} (cannot predict it)"] = {
         "new_class_top1": 0.0, "nine_classes_top1": before, "all_top1": None
     }  # fmt: skip
     stages = {
@@ -187,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     explained_dataset, added_predictions = None, None
     for label, folder in stages.items():
         predictions, labels, dataset = _evaluate(out / folder, splits["test10"], splits["root"])
-        rows[label] = _accuracies(predictions, labels, 9)
+        rows[label] = _accuracies(predictions, labels, new)
         if folder == "added":
             explained_dataset = dataset
             added_predictions = predictions
@@ -197,9 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- Why? The held-out class's test images explained by the model that only read about it ------------------------
     model = VLLTRForImageClassification.from_pretrained(out / "added").eval()
     labels = explained_dataset.labels
-    new_images = np.flatnonzero(labels == 9)
-    right = [int(i) for i in new_images if added_predictions[i] == 9][:3]
-    wrong = [int(i) for i in new_images if added_predictions[i] != 9][:3]
+    new_images = np.flatnonzero(labels == new)
+    right = [int(i) for i in new_images if added_predictions[i] == new][:3]
+    wrong = [int(i) for i in new_images if added_predictions[i] != new][:3]
     items = explain_examples(model, explained_dataset, sorted(right + wrong), top_k=4)
     atomic_write_text(
         out / "explanations.md", explanation_report(items, model.config.id2label, f"(new class {name!r})")
@@ -208,10 +218,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     lines = [
         f"Held-out class: **{name}** ({int(counts[held_out])} training images in the demo; "
-        f"{int((labels == 9).sum())} test images). Top-1 in %, on the 10-class test split "
-        f"({len(labels)} images); the nine-class model is scored on the nine classes' test images.",
+        f"{int((labels == new).sum())} test images). Top-1 in %, on the {len(class_names)}-class test split "
+        f"({len(labels)} images); the {new}-class model is scored on its classes' test images. The added class "
+        "is added from its description alone (its 80 prompt templates and its sentences, no image) in the first "
+        "'+' row.",
         "",
-        f"| model | {name} top-1 | nine classes top-1 | change on the nine |",
+        f"| model | {name} top-1 | other {new} classes top-1 | change on the other {new} |",
         "|---|---|---|---|",
     ]
     for label, row in rows.items():
@@ -221,7 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     results = {
         "held_out": name,
-        "train_counts": dict(zip(CLASS_NAMES, counts.tolist())),
+        "data": args.data,
+        "chance": 1 / len(class_names),
+        "train_counts": dict(zip(class_names, counts.tolist())),
         "new_class_images": splits["num_new_train"],
         "rows": rows,
         "table_markdown": table,
