@@ -132,7 +132,7 @@ class CompareArguments:
     lift_epochs: float | None = field(
         default=None,
         metadata={
-            "help": "LIFT-style peer epochs; default 10%% of stage-1 + stage-2 epochs (LIFT's cost), at least 1."
+            "help": "LIFT epochs; default 10%% of stage-1 + stage-2 epochs (LIFT's cost), at least 1."
         },
     )
     batch_size: int = field(default=64, metadata={"help": "Per-device batch size of every training run."})
@@ -341,7 +341,7 @@ for _method in (
            "frozen starting CLIP + linear layer, cross-entropy, instance-balanced sampling"),
     Method("linear_la", "Linear probe, logit adjustment", _linear_la,
            "the linear probe trained with the logit-adjusted loss (run_lgr --logit_adjustment τ)"),
-    Method("lift", "LIFT-style peer", _lift,
+    Method("lift", "LIFT (AdaptFormer, cosine head, LA)", _lift,
            "run_lift: AdaptFormer image tower, cosine head from prompts, logit-adjusted CE, 10% of VL-LTR's epochs"),
     Method("vlltr_lora", "VL-LTR with LoRA adapters", _vlltr_lora, "run_cvlp and run_lgr with --peft lora"),
     Method("vlltr", "VL-LTR", lambda r: r.vlltr_from(r.full_stage1(), "vlltr"), "stage 1 (β = 0.5), AnSS, LGR"),

@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {
         "Zero-shot CLIP (80 prompts)": _row(zero_shot, seconds["zero_shot"]),
         "CLIP + linear classifier, CE": _row(linear, seconds["linear"]),
-        "LIFT-style peer (LoRA, cosine head, LA)": _row(lift, seconds["lift"]),
+        "LIFT (AdaptFormer, cosine head, LA)": _row(lift, seconds["lift"]),
         "VL-LTR": _row(vlltr, seconds["vlltr"]),
         "VL-LTR with LoRA adapters": _row(vlltr_lora, seconds["vlltr_lora"]),
     }

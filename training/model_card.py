@@ -255,7 +255,7 @@ def build_model_card(
         summary = f"A VL-LTR image classifier over {num_classes} classes" + (
             ", trained through both stages."
             if "lgr" in stages or converted
-            else ": the LIFT-style peer (cosine head on a LoRA-adapted CLIP image tower)."
+            else ": LIFT (Shi et al., ICML 2024): a cosine head on a CLIP image tower with AdaptFormer (or LoRA) adapters."
             if "lift" in stages
             else ", after anchor sentence selection: its image-branch MLP is not trained yet (run `training.run_lgr`)."
         )
