@@ -71,6 +71,22 @@ def test_table_prints_the_paper_and_the_verdicts(comparison):
     assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1]
 
 
+def test_seeds_in_parallel_processes_give_the_same_runs(comparison, tiny_clip_dir, lt_dataset, tmp_path):
+    """--jobs 2 runs each seed in its own spawned process: the same numbers as one seed after the other."""
+    out, results = comparison
+    d = lt_dataset
+    argv = ["--clip", tiny_clip_dir, "--train_file", d["train"], "--test_file", d["test"], "--selection_file",
+            d["val"], "--image_root", d["root"], "--class_names", d["classes"], "--text_corpus", d["corpus"],
+            "--methods", "vlltr,knn", "--seeds", "2", "--jobs", "2", "--output_dir", str(tmp_path / "p"), *TINY]  # fmt: skip
+    parallel = compare.main(argv)
+    assert [(r["method"], r["seed"]) for r in parallel["runs"]] == [(r["method"], r["seed"]) for r in results["runs"]]
+    for one, other in zip(results["runs"], parallel["runs"]):
+        assert Path(other["folder"]).is_relative_to(tmp_path / "p")
+        assert {g: one[g] for g in ("overall", "many", "medium", "few")} == {
+            g: other[g] for g in ("overall", "many", "medium", "few")
+        }
+
+
 def test_peers_run_and_report(tiny_clip_dir, lt_dataset, tmp_path):
     """The LIFT-style peer, VL-LTR with LoRA and the logit-adjusted probe are real runs of their scripts: each leaves
     its checkpoint's own evaluation, whose numbers recompute from the saved predictions."""

@@ -33,10 +33,13 @@ Off keep beside their share in the corpus, and among each test image's top-3 att
 
 import json
 import math
+import multiprocessing
+import os
 import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import MISSING, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -131,9 +134,7 @@ class CompareArguments:
     linear_epochs: float | None = field(default=None, metadata={"help": "Linear-probe epochs (world 4, digits 30)."})
     lift_epochs: float | None = field(
         default=None,
-        metadata={
-            "help": "LIFT epochs; default 10%% of stage-1 + stage-2 epochs (LIFT's cost), at least 1."
-        },
+        metadata={"help": "LIFT epochs; default 10%% of stage-1 + stage-2 epochs (LIFT's cost), at least 1."},
     )
     batch_size: int = field(default=64, metadata={"help": "Per-device batch size of every training run."})
     stage1_learning_rate: float = field(default=5e-4, metadata={"help": "Stage-1 learning rate (the demo's)."})
@@ -149,6 +150,13 @@ class CompareArguments:
     data_seed: int = field(default=0, metadata={"help": "Without data flags: the seed the data is built with."})
     standin_epochs: int = field(default=40, metadata={"help": "Digits only: stand-in CLIP pre-training epochs."})
     standin_steps: int = field(default=600, metadata={"help": "World only: stand-in CLIP pre-training steps."})
+    jobs: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seeds run at once, each in its own process (default: one per CPU when every seed pre-trains its "
+            "own stand-in CLIP, else 1)."
+        },
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace what --output_dir holds."})
 
 
@@ -716,6 +724,50 @@ def build_context(args: CompareArguments, data_args: DataArguments, corpus_args:
                    augment, thresholds, train, test, note, pretrain, world_root)  # fmt: skip
 
 
+def seed_jobs(args: CompareArguments, ctx: Context, seeds: int) -> int:
+    """How many seeds run at once: `--jobs`, or by default one per CPU when every seed trains its own stand-in CLIP
+    (small, one thread each), else one."""
+    if args.jobs is not None:
+        return max(1, min(args.jobs, seeds))
+    return max(1, min(seeds, os.cpu_count() or 1)) if ctx.pretrain is not None else 1
+
+
+def _seed_worker_init(threads: int) -> None:
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(threads)
+
+
+def run_seed(ctx: Context, seed: int, methods: list[str], bar=None) -> dict:
+    """Every method for one seed (its stand-in CLIP first, when there is one): each run's top-1 groups, folder and
+    seconds, the seconds per method, the stand-in's pre-training seconds and the world's measurements."""
+    runner = Runner(ctx, seed)
+    runner.clip  # noqa: B018 (the seed's stand-in is pre-trained here, outside every method's seconds)
+    runs, seconds = [], {}
+    for name in methods:
+        if bar is not None:
+            bar.set_postfix(method=name, seed=seed)
+        steps = METHODS[name].run(runner)
+        evaluated = steps[-1][0]
+        metrics = json.loads((Path(evaluated) / "metrics.json").read_text())
+        took = sum(s for _, s in steps)
+        seconds[name] = took
+        runs.append({
+            "method": name, "seed": seed, "seconds": round(took, 1), "folder": str(evaluated),
+            "steps": [str(p) for p, _ in steps],
+            "step_seconds": [round(t, 1) for _, t in steps],
+            **group_top1(metrics),
+            "per_class_top1": metrics["per_class"]["top1"],
+        })  # fmt: skip
+        if bar is not None:
+            bar.update()
+    return {
+        "runs": runs,
+        "seconds": seconds,
+        "standin_seconds": round(runner.standin_seconds, 1) if ctx.pretrain is not None else None,
+        "world": measure_world_seed(runner) if ctx.world_root is not None else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, data_args, corpus_args = parse_args((CompareArguments, DataArguments, CorpusArguments), argv)
@@ -733,30 +785,34 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [args.first_seed + s for s in range(args.seeds)]
     print(ctx.note, flush=True)
 
+    jobs = seed_jobs(args, ctx, len(seeds))
     runs, seconds, world_rows, standin_seconds = [], {m: [] for m in methods}, [], []
     with tqdm(total=len(seeds) * len(methods), desc="Comparing", unit="run") as bar:
-        for seed in seeds:
-            runner = Runner(ctx, seed)
-            runner.clip  # noqa: B018 (the seed's stand-in is pre-trained here, outside every method's seconds)
-            for name in methods:
-                bar.set_postfix(method=name, seed=seed)
-                steps = METHODS[name].run(runner)
-                evaluated = steps[-1][0]
-                metrics = json.loads((Path(evaluated) / "metrics.json").read_text())
-                took = sum(s for _, s in steps)
-                seconds[name].append(took)
-                runs.append({
-                    "method": name, "seed": seed, "seconds": round(took, 1), "folder": str(evaluated),
-                    "steps": [str(p) for p, _ in steps],
-                    "step_seconds": [round(t, 1) for _, t in steps],
-                    **group_top1(metrics),
-                    "per_class_top1": metrics["per_class"]["top1"],
-                })  # fmt: skip
-                bar.update()
-            if ctx.pretrain is not None:
-                standin_seconds.append(round(runner.standin_seconds, 1))
-            if ctx.world_root is not None:
-                world_rows.append(measure_world_seed(runner))
+        if jobs == 1:
+            results = []
+            for seed in seeds:
+                results.append(run_seed(ctx, seed, methods, bar))
+        else:
+            # Each seed in its own process (spawned, so nothing of this process's thread pools is inherited), at
+            # one intra-op thread each unless the CLIP is large: seeds are independent, and on a small stand-in
+            # two single-threaded processes use two cores where one two-threaded process cannot.
+            logger.warning(f"Running {len(seeds)} seeds {jobs} at a time, each in its own process (--jobs).")
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_seed_worker_init,
+                                     initargs=(max(1, (os.cpu_count() or 1) // jobs),)) as pool:  # fmt: skip
+                futures = [pool.submit(run_seed, ctx, seed, methods) for seed in seeds]
+                for future in as_completed(futures):
+                    future.result()
+                    bar.update(len(methods))
+                results = [f.result() for f in futures]
+    for result in results:
+        runs += result["runs"]
+        for name in methods:
+            seconds[name].append(result["seconds"][name])
+        if result["standin_seconds"] is not None:
+            standin_seconds.append(result["standin_seconds"])
+        if result["world"] is not None:
+            world_rows.append(result["world"])
 
     per_seed = {m: {g: [r[g] for r in runs if r["method"] == m] for g in TOP1_GROUPS} for m in methods}
     summary = {m: {g: _summary(per_seed[m][g]) for g in TOP1_GROUPS} for m in methods}

@@ -26,10 +26,13 @@ practitioner would otherwise use.
 import argparse
 import json
 import math
+import multiprocessing
+import os
 import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,6 +338,59 @@ def _timed(seconds: dict[str, float], name: str):
     seconds[name] = seconds.get(name, 0.0) + time.time() - start
 
 
+def _vlltr_stages(data_name: str, clip: str, data: dict, out: Path, tag: str, final: Path, peft: list[str],
+                  augment: list[str], common: list[str]) -> None:  # fmt: skip
+    """Stage 1, AnSS, stage 2: the demo's VL-LTR (`peft` empty) or VL-LTR with LoRA in both stages."""
+    setting = SETTINGS[data_name]
+    run_cvlp.main(
+        ["--model_name_or_path", clip, "--train_file", data["train"], "--text_corpus", data["corpus"],
+         "--output_dir", str(out / f"{tag}stage1"), "--num_train_epochs", str(setting.stage1_epochs),
+         "--per_device_train_batch_size", "64", "--learning_rate", "5e-4", *peft, *augment, *common]
+    )  # fmt: skip
+    run_select_anchors.main(
+        ["--model_name_or_path", str(out / f"{tag}stage1"), "--selection_file", data["val"], "--text_corpus",
+         data["corpus"], "--num_anchor_sentences", "16", "--output_dir", str(out / f"{tag}anchors"), *common]
+    )  # fmt: skip
+    run_lgr.main(
+        ["--model_name_or_path", str(out / f"{tag}anchors"), "--train_file", data["train"], "--output_dir",
+         str(final), "--num_train_epochs", str(setting.stage2_epochs), "--per_device_train_batch_size", "64",
+         "--learning_rate", "3e-3", *peft, *augment, *common]
+    )  # fmt: skip
+
+
+def _linear_and_lora(data_name: str, clip: str, data: dict, out: Path, augment: list[str], common: list[str],
+                     evaluate: list[str], seed: int) -> tuple[dict, dict, dict[str, float]]:  # fmt: skip
+    """The two baselines that need no result of VL-LTR's: CLIP fine-tuned with a plain linear classifier and
+    cross-entropy, and VL-LTR with LoRA adapters in both stages; returns their metrics and seconds. The demo runs
+    them in a second process beside VL-LTR when the CLIP is its small stand-in."""
+    setting, seconds = SETTINGS[data_name], {}
+    # vision tower + linear head, no mixing, no smoothing, instance-balanced sampling, the stage-2 trainer (FC head)
+    with _timed(seconds, "linear"):
+        torch.manual_seed(seed)  # the new head's initialisation, the same in this process or a second one
+        linear_start = out / "baseline_linear_init"
+        config = VLLTRConfig.from_pretrained(clip, id2label=dict(enumerate(data["class_names"])), head_type="fc")
+        load_new_head(VLLTRForImageClassification.from_pretrained, clip, config=config).save_pretrained(linear_start)
+        run_lgr.main(
+            ["--model_name_or_path", str(linear_start), "--train_file", data["train"], "--output_dir",
+             str(out / "baseline_linear"), "--num_train_epochs", str(setting.linear_epochs),
+             "--per_device_train_batch_size", "64", "--learning_rate", "5e-4", "--train_vision_tower", "True",
+             "--sampling", "instance", "--mixup_alpha", "0", "--cutmix_alpha", "0", "--label_smoothing", "0",
+             *augment, *common]
+        )  # fmt: skip
+        linear = run_eval.main(
+            ["--model_name_or_path", str(out / "baseline_linear"), "--output_dir", str(out / "eval_linear"),
+             *evaluate]
+        )  # fmt: skip
+    # VL-LTR with LoRA adapters in both stages (the text and image towers in stage 1, the image tower in stage 2),
+    # the same schedules and anchors count as VL-LTR.
+    with _timed(seconds, "vlltr_lora"):
+        _vlltr_stages(data_name, clip, data, out, "lora_", out / "vlltr-lora", ["--peft", "lora"], augment, common)
+        lora = run_eval.main(
+            ["--model_name_or_path", str(out / "vlltr-lora"), "--output_dir", str(out / "eval_lora"), *evaluate]
+        )
+    return linear, lora, seconds
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="demo_output")
@@ -390,76 +446,60 @@ def main(argv: list[str] | None = None) -> dict:
     seconds: dict[str, float] = {}  # per method, its own runs
 
     def vlltr_stages(tag: str, final: Path, peft: list[str]) -> None:
-        """Stage 1, AnSS, stage 2: the demo's VL-LTR (`peft` empty) or VL-LTR with LoRA in both stages."""
-        run_cvlp.main(
-            ["--model_name_or_path", clip, "--train_file", data["train"], "--text_corpus", data["corpus"],
-             "--output_dir", str(out / f"{tag}stage1"), "--num_train_epochs", str(setting.stage1_epochs),
-             "--per_device_train_batch_size", "64", "--learning_rate", "5e-4", *peft, *augment, *common]
-        )  # fmt: skip
-        run_select_anchors.main(
-            ["--model_name_or_path", str(out / f"{tag}stage1"), "--selection_file", data["val"], "--text_corpus",
-             data["corpus"], "--num_anchor_sentences", "16", "--output_dir", str(out / f"{tag}anchors"), *common]
-        )  # fmt: skip
-        run_lgr.main(
-            ["--model_name_or_path", str(out / f"{tag}anchors"), "--train_file", data["train"], "--output_dir",
-             str(final), "--num_train_epochs", str(setting.stage2_epochs), "--per_device_train_batch_size", "64",
-             "--learning_rate", "3e-3",
-             *peft, *augment, *common]
-        )  # fmt: skip
+        _vlltr_stages(args.data, clip, data, out, tag, final, peft, augment, common)
 
-    final = out / f"vlltr-{args.data}-lt"
-    with _timed(seconds, "vlltr"):
-        vlltr_stages("", final, [])
-    timings["vlltr"] = time.time() - start - sum(timings.values())
-
-    _banner("4/6", "Evaluation and baselines on the same splits")
     thresholds = ["--many_shot_threshold", str(thresholds_.many), "--few_shot_threshold", str(thresholds_.few)]
     evaluate = ["--test_file", data["test"], "--train_file", data["train"], *thresholds, *common]
-    hub = ["--push_to_hub", "--hub_model_id", args.hub_model_id] if args.push_to_hub else []
-    with _timed(seconds, "vlltr"):
-        vlltr = run_eval.main(
-            ["--model_name_or_path", str(final), "--output_dir", str(out / "eval"), "--dataset_tag", f"{args.data}-lt",
-             "--explain", "8", *evaluate, *hub]
-        )  # fmt: skip
+    side, side_pool = None, None
+    if args.clip is None and (os.cpu_count() or 1) > 1:
+        # The stand-in is small and runs on one thread: the baselines that need nothing of VL-LTR's train in a
+        # second process (spawned: nothing of this one's thread pools is inherited) on the other core meanwhile.
+        print("(the linear baseline and VL-LTR with LoRA train meanwhile in a second process)")
+        side_pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        side = side_pool.submit(_linear_and_lora, args.data, clip, data, out, augment, common, evaluate, args.seed)
+    try:
+        final = out / f"vlltr-{args.data}-lt"
+        with _timed(seconds, "vlltr"):
+            vlltr_stages("", final, [])
+        timings["vlltr"] = time.time() - start - sum(timings.values())
 
-    # CLIP fine-tuned with a plain linear classifier and cross-entropy: vision tower + linear head, no mixing, no
-    # smoothing, instance-balanced sampling, trained with the same stage-2 trainer (FC head).
-    with _timed(seconds, "linear"):
-        linear_start = out / "baseline_linear_init"
-        config = VLLTRConfig.from_pretrained(clip, id2label=dict(enumerate(names)), head_type="fc")
-        load_new_head(VLLTRForImageClassification.from_pretrained, clip, config=config).save_pretrained(linear_start)
-        run_lgr.main(
-            ["--model_name_or_path", str(linear_start), "--train_file", data["train"], "--output_dir",
-             str(out / "baseline_linear"), "--num_train_epochs", str(setting.linear_epochs),
-             "--per_device_train_batch_size", "64", "--learning_rate", "5e-4", "--train_vision_tower", "True", "--sampling", "instance", "--mixup_alpha",
-             "0", "--cutmix_alpha", "0", "--label_smoothing", "0", *augment, *common]
-        )  # fmt: skip
-        linear = run_eval.main(
-            ["--model_name_or_path", str(out / "baseline_linear"), "--output_dir", str(out / "eval_linear"),
-             *evaluate]
-        )  # fmt: skip
-    with _timed(seconds, "zero_shot"):
-        zs_logits, zs_labels = zero_shot_logits(clip, data)
-        zero_shot = long_tail_metrics(zs_logits, zs_labels, counts, thresholds_)
-    # The LIFT-style peer with its defaults (AdaptFormer in every layer, cosine head from "a photo of a {}.",
-    # logit-adjusted CE τ 1, SGD 0.01): 10% of the demo's VL-LTR epochs (stage 1 + stage 2), as LIFT's 10 are of
-    # the paper's 100.
-    with _timed(seconds, "lift"):
-        run_lift.main(
-            ["--model_name_or_path", clip, "--train_file", data["train"], "--output_dir", str(out / "lift"),
-             "--num_train_epochs", str(setting.lift_epochs), "--per_device_train_batch_size", "64", *augment,
-             *common]
-        )  # fmt: skip
-        lift = run_eval.main(
-            ["--model_name_or_path", str(out / "lift"), "--output_dir", str(out / "eval_lift"), *evaluate]
+        _banner("4/6", "Evaluation and baselines on the same splits")
+        hub = ["--push_to_hub", "--hub_model_id", args.hub_model_id] if args.push_to_hub else []
+        with _timed(seconds, "vlltr"):
+            vlltr = run_eval.main(
+                ["--model_name_or_path", str(final), "--output_dir", str(out / "eval"), "--dataset_tag", f"{args.data}-lt",
+                 "--explain", "8", *evaluate, *hub]
+            )  # fmt: skip
+
+        with _timed(seconds, "zero_shot"):
+            zs_logits, zs_labels = zero_shot_logits(clip, data)
+            zero_shot = long_tail_metrics(zs_logits, zs_labels, counts, thresholds_)
+        # The LIFT-style peer with its defaults (AdaptFormer in every layer, cosine head from "a photo of a {}.",
+        # logit-adjusted CE τ 1, SGD 0.01): 10% of the demo's VL-LTR epochs (stage 1 + stage 2), as LIFT's 10 are of
+        # the paper's 100.
+        with _timed(seconds, "lift"):
+            run_lift.main(
+                ["--model_name_or_path", clip, "--train_file", data["train"], "--output_dir", str(out / "lift"),
+                 "--num_train_epochs", str(setting.lift_epochs), "--per_device_train_batch_size", "64", *augment,
+                 *common]
+            )  # fmt: skip
+            lift = run_eval.main(
+                ["--model_name_or_path", str(out / "lift"), "--output_dir", str(out / "eval_lift"), *evaluate]
+            )
+        if side is not None:
+            linear, vlltr_lora, side_seconds = side.result()
+            side_pool.shutdown()
+    except BaseException:
+        if side_pool is not None:  # stop the second process too: the run has failed
+            for process in list(getattr(side_pool, "_processes", {}).values()):
+                process.terminate()
+            side_pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    if side is None:
+        linear, vlltr_lora, side_seconds = _linear_and_lora(
+            args.data, clip, data, out, augment, common, evaluate, args.seed
         )
-    # VL-LTR with LoRA adapters in both stages (the text and image towers in stage 1, the image tower in stage 2),
-    # the same schedules and anchors count as VL-LTR above.
-    with _timed(seconds, "vlltr_lora"):
-        vlltr_stages("lora_", out / "vlltr-lora", ["--peft", "lora"])
-        vlltr_lora = run_eval.main(
-            ["--model_name_or_path", str(out / "vlltr-lora"), "--output_dir", str(out / "eval_lora"), *evaluate]
-        )
+    seconds.update(side_seconds)
     timings["baselines_and_peers"] = time.time() - start - sum(timings.values())
 
     _banner("5/6", "Results")
