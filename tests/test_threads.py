@@ -29,7 +29,7 @@ def test_stand_in_is_small_and_a_pretrained_clip_is_not():
     assert estimated_parameters(CLIPConfig()) > 4 * SMALL_MODEL_PARAMETERS  # ViT-B/32's sizes: ~85 M in the layers
 
 
-def choose(config: str, env: dict) -> tuple[int, str]:
+def choose(config: str, env: dict, idle: str = "...") -> tuple[list[str], str]:
     code = (
         "import torch, transformers\n"
         "transformers.utils.logging.set_verbosity_error()\n"
@@ -38,7 +38,7 @@ def choose(config: str, env: dict) -> tuple[int, str]:
         "from training.standin_clip import small_clip_config\n"
         "from training.threads import configure_threads\n"
         f"config = {config}\n"
-        "print(configure_threads(config), configure_threads(CLIPConfig()), torch.get_num_threads())\n"
+        f"print(configure_threads(config, idle={idle}), configure_threads(CLIPConfig()), torch.get_num_threads())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -46,12 +46,23 @@ def choose(config: str, env: dict) -> tuple[int, str]:
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: nothing to choose")
-def test_small_model_runs_on_one_thread_unless_the_user_chose():
+def test_small_model_on_a_busy_machine_runs_on_one_thread_unless_the_user_chose():
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    counts, log = choose("small_clip_config()", env)
+    counts, log = choose("small_clip_config()", env, idle="0.9")  # another process holds a CPU
     assert counts == ["1", "1", "1"]  # chosen once, by the first model
-    assert "Small model" in log and "OMP_NUM_THREADS" in log
-    counts, log = choose("CLIPConfig()", env)
+    assert "0.9 of" in log and "1 intra-op thread" in log and "OMP_NUM_THREADS" in log
+    counts, log = choose("small_clip_config()", env, idle=str(float(os.cpu_count())))  # an idle machine
+    assert counts[0] == counts[2] and int(counts[0]) > 1 and "idle machine" in log
+    counts, log = choose("CLIPConfig()", env, idle="0.0")  # a large model keeps the default even when busy
     assert counts[0] == counts[2] and int(counts[0]) > 1 and "PyTorch's default" in log
-    counts, log = choose("small_clip_config()", dict(env, OMP_NUM_THREADS="2"))
+    counts, log = choose("small_clip_config()", dict(env, OMP_NUM_THREADS="2"), idle="0.0")
     assert counts == ["2", "2", "2"] and "as set" in log
+
+
+def test_idle_cpus_reads_the_machine():
+    from training.threads import idle_cpus
+
+    idle = idle_cpus(0.05)
+    if idle is None:
+        pytest.skip("no /proc/stat here")
+    assert 0.0 <= idle <= (os.cpu_count() or 1) + 1e-6

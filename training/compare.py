@@ -69,6 +69,7 @@ from .metrics import (
     write_metrics_json,
 )
 from .splits import load_labelled_split
+from .threads import use_one_thread
 from .world_measures import anchor_shares, explanation_visual_share, load_world, premise
 
 logger = logging.get_logger(__name__)
@@ -734,7 +735,10 @@ def seed_jobs(args: CompareArguments, ctx: Context, seeds: int) -> int:
 
 def _seed_worker_init(threads: int) -> None:
     if not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(threads)
+        if threads == 1:
+            use_one_thread()
+        else:
+            torch.set_num_threads(threads)
 
 
 def run_seed(ctx: Context, seed: int, methods: list[str], bar=None) -> dict:

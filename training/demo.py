@@ -57,7 +57,7 @@ from .io_utils import atomic_write_json, atomic_write_text
 from .metrics import TOP1_GROUPS, ShotThresholds, group_top1, long_tail_metrics, plot_per_class_accuracy
 from .splits import ImageDataset, load_labelled_split, read_image_list
 from .standin_clip import build_char_tokenizer, save_clip_folder, small_clip_config
-from .threads import configure_threads
+from .threads import configure_threads, use_one_thread
 from .world import WorldArguments, build_world, pretrain_world_clip
 from .world_measures import anchor_shares, explanation_visual_share, load_world, pct, premise
 
@@ -455,7 +455,10 @@ def main(argv: list[str] | None = None) -> dict:
         # The stand-in is small and runs on one thread: the baselines that need nothing of VL-LTR's train in a
         # second process (spawned: nothing of this one's thread pools is inherited) on the other core meanwhile.
         print("(the linear baseline and VL-LTR with LoRA train meanwhile in a second process)")
-        side_pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        use_one_thread()  # two processes on the cores: each on one thread, or each is the other's busy neighbour
+        side_pool = ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=use_one_thread
+        )
         side = side_pool.submit(_linear_and_lora, args.data, clip, data, out, augment, common, evaluate, args.seed)
     try:
         final = out / f"vlltr-{args.data}-lt"
