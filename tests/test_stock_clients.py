@@ -159,6 +159,7 @@ for checkpointing in (False, True):
     dist.all_gather(gathered, weight)
     assert torch.equal(gathered[0], gathered[1]), "the ranks' weights diverged"
     print(f"rank {rank} {model.config.head_type} checkpointing={checkpointing} OK", flush=True)
+dist.barrier()  # both ranks are done before either tears gloo down (a rank leaving early aborts the other's teardown)
 dist.destroy_process_group()
 """
 
