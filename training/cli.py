@@ -406,6 +406,17 @@ def load_new_head(
     return model
 
 
+class _Hold(pylogging.Handler):
+    """Keeps the records it is given, for `_HeldRecords`."""
+
+    def __init__(self, records: list):
+        super().__init__()
+        self.records = records
+
+    def emit(self, record):
+        self.records.append(record)
+
+
 class _HeldRecords:
     """Holds back what transformers logs inside the block (its LOAD REPORT of a damaged or mismatched checkpoint),
     and lets it out when the block succeeds: when loading fails, the one-line error is all the user reads."""
@@ -416,15 +427,7 @@ class _HeldRecords:
         self._handlers: list = []
 
     def __enter__(self):
-        import logging as pylogging
-
-        held = self.records
-
-        class Hold(pylogging.Handler):
-            def emit(self, record):
-                held.append(record)
-
-        self._hold = Hold()
+        self._hold = _Hold(self.records)
         self._handlers = self._root.handlers[:]
         for handler in self._handlers:
             self._root.removeHandler(handler)
@@ -440,9 +443,9 @@ class _HeldRecords:
         return False
 
     def release(self) -> None:
-        records, self.records = self.records, []
-        for record in records:
+        for record in self.records:
             self._root.handle(record)
+        self.records.clear()
 
 
 def load_checked(
@@ -467,9 +470,9 @@ def load_checked(
     except UsageError:
         raise
     except Exception as e:
-        report = "\n".join(r.getMessage() for r in held.records)
         if isinstance(e, RuntimeError) and "ignore_mismatched_sizes" in str(e):
             # transformers logged a LOAD REPORT of the mismatched weights (held back here) and raised
+            report = "\n".join(r.getMessage() for r in held.records)
             shapes = [line.strip() for line in report.splitlines() if "MISMATCH" in line and "|" in line]
             first = f" ({' '.join(shapes[0].split())})" if shapes else ""
             raise UsageError(

@@ -445,9 +445,6 @@ def main(argv: list[str] | None = None) -> dict:
     _banner("3/6", "VL-LTR stage 1, anchor selection, stage 2 (the run_* entry points)")
     seconds: dict[str, float] = {}  # per method, its own runs
 
-    def vlltr_stages(tag: str, final: Path, peft: list[str]) -> None:
-        _vlltr_stages(args.data, clip, data, out, tag, final, peft, augment, common)
-
     thresholds = ["--many_shot_threshold", str(thresholds_.many), "--few_shot_threshold", str(thresholds_.few)]
     evaluate = ["--test_file", data["test"], "--train_file", data["train"], *thresholds, *common]
     side, side_pool = None, None
@@ -463,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         final = out / f"vlltr-{args.data}-lt"
         with _timed(seconds, "vlltr"):
-            vlltr_stages("", final, [])
+            _vlltr_stages(args.data, clip, data, out, "", final, [], augment, common)
         timings["vlltr"] = time.time() - start - sum(timings.values())
 
         _banner("4/6", "Evaluation and baselines on the same splits")

@@ -20,8 +20,8 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-# Below this many parameters (both towers), a model runs on one intra-op thread by default. The package's stand-in
-# CLIPs are 0.1-2 M; the smallest pretrained CLIP (ViT-B/32) has 151 M.
+# Below this many parameters (both towers), a model runs on one intra-op thread when fewer than two CPUs are idle at
+# start-up. The package's stand-in CLIPs are 0.1-2 M; the smallest pretrained CLIP (ViT-B/32) has 151 M.
 SMALL_MODEL_PARAMETERS = 20_000_000
 
 _chosen: int | None = None
