@@ -164,3 +164,21 @@ def test_world_measurements_recompute_from_the_runs(tiny_clip_dir, tmp_path):
     assert 0 <= world["explanations_visual_share_top3"]["mean"] <= 1
     assert "linear_few_top1" in world and "cutoff" not in json.dumps(list(world))
     assert "visual share: anchors kept by AnSS" in (tmp_path / "out" / "table.md").read_text()
+    # classes added from text alone: held out of VL-LTR's training, then added from their descriptions
+    row = results["world_per_seed"][0]
+    held = row["new_classes"]
+    assert len(held) == 3 and set(held) <= set(corpus)
+    seed_dir = tmp_path / "out" / "seed_0" / "new_classes"
+    kept = json.loads((seed_dir / "kept_stage2" / "config.json").read_text())["id2label"]
+    assert len(kept) == 3 and not set(kept.values()) & set(held)
+    for tag, templates in (("descriptions", False), ("name_and_descriptions", True)):
+        added = json.loads((seed_dir / f"added_from_{tag}" / "added_classes.json").read_text())["classes"]
+        assert [c["name"] for c in added] == held and [c["label"] for c in added] == [3, 4, 5]
+        for c in added:
+            own = set(corpus[c["name"]])
+            assert set(c["anchors"]) <= own if not templates else any(s not in own for s in c["anchors"])
+        top1 = row[f"new_class_added_from_{tag}_top1"]
+        assert 0 <= top1 <= 1 and top1 * 6 == pytest.approx(round(top1 * 6))  # 2 test images x 3 classes
+    assert row["new_class_chance"] == pytest.approx(1 / 6)
+    assert world["new_class_zero_shot_by_name_top1"]["mean"] == pytest.approx(row["new_class_zero_shot_by_name_top1"])
+    assert "classes added from text alone: from their descriptions" in (tmp_path / "out" / "table.md").read_text()

@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -53,7 +53,7 @@ from transformers.utils.logging import tqdm
 
 from modeling_vlltr import VLLTRForImageClassification, VLLTRModel
 
-from . import run_cvlp, run_eval, run_lgr, run_lift, run_select_anchors
+from . import add_classes, run_cvlp, run_eval, run_lgr, run_lift, run_select_anchors
 from .arguments import CorpusArguments, DataArguments
 from .cli import UsageError, load_checked, parse_args, run_main, shot_thresholds
 from .corpus import load_corpus
@@ -70,7 +70,14 @@ from .metrics import (
 )
 from .splits import load_labelled_split
 from .threads import use_one_thread
-from .world_measures import anchor_shares, explanation_visual_share, load_world, premise
+from .world_measures import (
+    anchor_shares,
+    explanation_visual_share,
+    load_world,
+    premise,
+    texts_by,
+    zero_shot_predictions,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -150,7 +157,14 @@ class CompareArguments:
     )
     data_seed: int = field(default=0, metadata={"help": "Without data flags: the seed the data is built with."})
     standin_epochs: int = field(default=40, metadata={"help": "Digits only: stand-in CLIP pre-training epochs."})
-    standin_steps: int = field(default=600, metadata={"help": "World only: stand-in CLIP pre-training steps."})
+    standin_steps: int = field(default=800, metadata={"help": "World only: stand-in CLIP pre-training steps."})
+    new_classes: int = field(
+        default=3,
+        metadata={
+            "help": "World only: classes held out of training per seed (drawn with the seed) and added from text "
+            "alone after VL-LTR is trained on the rest (0: not measured)."
+        },
+    )
     jobs: int | None = field(
         default=None,
         metadata={
@@ -482,6 +496,77 @@ def measure_world_seed(runner: Runner) -> dict:
     return row
 
 
+def _with_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    """`argv` with `flag`'s value replaced (or the flag appended)."""
+    argv = list(argv)
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+        return argv
+    return [*argv, flag, value]
+
+
+def _flag(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def measure_new_classes(runner: Runner) -> dict:
+    """Classes that arrive after training, added from text alone (`training.add_classes`), for one seed: the
+    `--new_classes` classes drawn with the seed are held out of every split, VL-LTR is trained on the others (stage 1,
+    AnSS, stage 2 with this comparison's schedules, from the seed's starting CLIP), and the held-out classes are added
+    twice: from their descriptions alone (`--use_templates False`) and from their name's 80 prompt templates plus
+    their descriptions (the script's default). Each grown model is scored on the full test split; beside them,
+    chance and the starting CLIP's zero-shot top-1 on the same images by the class names and by the same
+    descriptions (all classes competing)."""
+    from .demo_new_class import held_out_splits, predict_split
+
+    ctx = runner.ctx
+    names = list(ctx.train.class_names)
+    rng = np.random.default_rng(runner.seed)
+    held = sorted(rng.choice(len(names), size=ctx.args.new_classes, replace=False).tolist())
+    corpus_file = _flag(ctx.corpus_argv, "--text_corpus")
+    train_file = _flag(ctx.data_argv, "--train_file")
+    selection_file = _flag(ctx.selection_argv, "--selection_file")
+    data = {"class_names": names, "corpus": corpus_file, "root": ctx.world_root, "train": train_file,
+            "val": selection_file or train_file, "test": ctx.args.test_file}  # fmt: skip
+    folder = runner.root / "new_classes"
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = held_out_splits(data, held, folder)
+    kept_ctx = replace(
+        ctx,
+        data_argv=_with_flag(_with_flag(ctx.data_argv, "--train_file", splits["train9"]), "--class_names",
+                             splits["classes9"]),
+        corpus_argv=_with_flag(ctx.corpus_argv, "--text_corpus", splits["corpus9"]),
+        selection_argv=["--selection_file", splits["val9"]] if selection_file else [],
+        test_argv=["--test_file", splits["test9"]],
+    )  # fmt: skip
+    kept = Runner(kept_ctx, runner.seed)
+    kept.root, kept._clip = folder, runner.clip
+    trained = kept.vlltr_from(kept.full_stage1(), "kept")[2][0]  # the stage-2 checkpoint on the kept classes
+    old_predictions, old_labels = predict_split(trained, splits["test9"], ctx.world_root)
+    before = float((old_predictions == old_labels).mean())
+    new_labels = np.array(splits["new_labels"])
+    row = {"new_classes": splits["new_classes"], "new_class_chance": 1.0 / len(names),
+           "new_class_others_top1_before": before}  # fmt: skip
+    for tag, templates in (("descriptions", "False"), ("name_and_descriptions", "True")):
+        grown, _ = kept.step(f"added_from_{tag}", lambda out, templates=templates: add_classes.main(
+            ["--model_name_or_path", str(trained), "--class_names", splits["new_names"], "--text_corpus",
+             splits["new_corpus"], "--use_templates", templates, "--output_dir", str(out), "--report_to", "none"]
+        ))  # fmt: skip
+        predictions, labels = predict_split(grown, splits["test10"], ctx.world_root)
+        is_new = np.isin(labels, new_labels)
+        row[f"new_class_added_from_{tag}_top1"] = float((predictions[is_new] == labels[is_new]).mean())
+        row[f"new_class_others_change_{tag}"] = float((predictions[~is_new] == labels[~is_new]).mean()) - before
+    world = load_world(ctx.world_root)
+    labels, predicted = zero_shot_predictions(
+        runner.clip, ctx.world_root, ctx.args.test_file,
+        {k: texts_by(k, names, world["corpus"], world["flags"]) for k in ("name", "all_descriptions")},
+    )  # fmt: skip
+    is_new = np.isin(labels, held)
+    for key, predictions in predicted.items():
+        row[f"new_class_zero_shot_by_{key}_top1"] = float((predictions[is_new] == labels[is_new]).mean())
+    return row
+
+
 # anchor strategies measured -> the run_select_anchors step of that method
 WORLD_ANCHORS = {"anss": "vlltr_anchors", "random": "random_anchors", "cutoff": "cutoff_anchors"}
 WORLD_ROWS = {
@@ -498,6 +583,12 @@ WORLD_ROWS = {
     "anchor_visual_share_cutoff": "visual share: anchors kept by Cut Off",
     "explanations_visual_share_top3": "visual share: each test image's top-3 attended anchors (VL-LTR)",
     "explanations_visual_share_top3_correct": "the same, correctly classified test images",
+    "new_class_chance": "classes added from text alone: chance",
+    "new_class_added_from_descriptions_top1": "classes added from text alone: from their descriptions",
+    "new_class_added_from_name_and_descriptions_top1": "classes added from text alone: from name templates + descriptions",
+    "new_class_zero_shot_by_name_top1": "classes added from text alone: zero-shot by class name (same images)",
+    "new_class_zero_shot_by_all_descriptions_top1": "classes added from text alone: zero-shot by their descriptions",
+    "new_class_others_change_descriptions": "classes added from text alone: change on the other classes (points)",
 }
 
 
@@ -768,8 +859,15 @@ def run_seed(ctx: Context, seed: int, methods: list[str], bar=None) -> dict:
         "runs": runs,
         "seconds": seconds,
         "standin_seconds": round(runner.standin_seconds, 1) if ctx.pretrain is not None else None,
-        "world": measure_world_seed(runner) if ctx.world_root is not None else None,
+        "world": _world_row(runner) if ctx.world_root is not None else None,
     }
+
+
+def _world_row(runner: Runner) -> dict:
+    row = measure_world_seed(runner)
+    if runner.ctx.args.new_classes > 0:
+        row.update(measure_new_classes(runner))
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -786,6 +884,11 @@ def main(argv: list[str] | None = None) -> dict:
     _prepare_output_dir(out, args.overwrite_output_dir)
     start = time.time()
     ctx = build_context(args, data_args, corpus_args)
+    if ctx.world_root is not None and not 0 <= args.new_classes <= len(ctx.train.class_names) - 2:
+        raise UsageError(
+            f"--new_classes must be between 0 and {len(ctx.train.class_names) - 2} (the number of classes minus two: "
+            f"VL-LTR trains on the rest), got {args.new_classes}."
+        )
     seeds = [args.first_seed + s for s in range(args.seeds)]
     print(ctx.note, flush=True)
 

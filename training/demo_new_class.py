@@ -8,7 +8,8 @@ for the digits): train VL-LTR on all classes but one, add the last from its desc
 
 Steps: the demo's splits (`training.demo.build_data`, same seed) with one class removed from every split; the
 stand-in CLIP (or `--clip`); stage 1, anchor selection and stage 2 on the other classes with the demo's settings;
-`add_classes` with the held-out class's prompt templates and descriptions; then AnSS on the other classes'
+`add_classes` with the held-out class's descriptions alone (`--use_templates False`), and for comparison with its
+name's 80 prompt templates plus its descriptions (the script's default); then, from the first, AnSS on the other classes'
 selection images plus the held-out class's 5 training images, and its row of the image branch trained on the other
 classes' training split plus those 5 images. Every model is scored on the full test split. Writes
 `results.json` and `new_class_results.md` (the table, as measured), and explanations of a few held-out test images.
@@ -43,42 +44,48 @@ def _rows(path: str) -> list[tuple[str, int]]:
     return [(rel, int(label)) for rel, label in (line.split() for line in Path(path).read_text().splitlines())]
 
 
-def held_out_splits(data: dict, held_out: int, out: Path) -> dict:
-    """The splits of the C - 1 kept classes (labels renumbered 0..C-2 in class order; files named `*_nine` from the
-    digits' 9 + 1), and the C-class files of the grown model, whose new class gets the last label C - 1: its test
-    split, and the selection / training splits with 5 images of it."""
+def held_out_splits(data: dict, held_out: int | list[int], out: Path, new_images: int = 5) -> dict:
+    """The splits of the kept classes (labels renumbered 0..K-1 in class order; files named `*_nine` from the
+    digits' 9 + 1), and the files of the grown model, whose new classes (`held_out`, one class id or a list) get the
+    last labels K, K+1, ... in the order given: the full test split, and the selection / training splits with the
+    first `new_images` training images of each new class."""
+    held = [held_out] if isinstance(held_out, int) else list(held_out)
     class_names = data["class_names"]
     descriptions = json.loads(Path(data["corpus"]).read_text())
-    names9 = [name for c, name in enumerate(class_names) if c != held_out]
+    names9 = [name for c, name in enumerate(class_names) if c not in held]
     new = len(names9)
-    new_label = {c: names9.index(name) for c, name in enumerate(class_names) if c != held_out} | {held_out: new}
+    new_label = {c: names9.index(name) for c, name in enumerate(class_names) if c not in held}
+    new_label |= {c: new + k for k, c in enumerate(held)}
     split = {s: [(rel, new_label[c]) for rel, c in _rows(data[s])] for s in ("train", "val", "test")}
-    new_train = [(rel, y) for rel, y in split["train"] if y == new][:5]
+    new_train = [row for k in range(len(held)) for row in [r for r in split["train"] if r[1] == new + k][:new_images]]
+    new_names = [class_names[c] for c in held]
     paths = {
         "root": data["root"],
-        "new_class": class_names[held_out],
+        "new_class": new_names[0],
+        "new_classes": new_names,
         "num_new_train": len(new_train),
         "new_label": new,
+        "new_labels": list(range(new, new + len(held))),
     }
     for s in ("train", "val", "test"):
-        paths[f"{s}9"] = _write_split(out / f"{s}_nine.txt", [(rel, y) for rel, y in split[s] if y != new])
+        paths[f"{s}9"] = _write_split(out / f"{s}_nine.txt", [(rel, y) for rel, y in split[s] if y < new])
     paths["test10"] = _write_split(out / "test_ten.txt", split["test"])
-    paths["val10"] = _write_split(out / "val_nine_plus_new.txt", [r for r in split["val"] if r[1] != new] + new_train)
+    paths["val10"] = _write_split(out / "val_nine_plus_new.txt", [r for r in split["val"] if r[1] < new] + new_train)
     paths["train10"] = _write_split(
-        out / "train_nine_plus_new.txt", [r for r in split["train"] if r[1] != new] + new_train
+        out / "train_nine_plus_new.txt", [r for r in split["train"] if r[1] < new] + new_train
     )
     paths["classes9"] = str(out / "classes_nine.txt")
     atomic_write_text(paths["classes9"], "\n".join(names9) + "\n")
     paths["classes10"] = str(out / "classes_ten.txt")
-    atomic_write_text(paths["classes10"], "\n".join([*names9, class_names[held_out]]) + "\n")
+    atomic_write_text(paths["classes10"], "\n".join([*names9, *new_names]) + "\n")
     paths["new_names"] = str(out / "new_class.txt")
-    atomic_write_text(paths["new_names"], class_names[held_out] + "\n")
+    atomic_write_text(paths["new_names"], "\n".join(new_names) + "\n")
     paths["corpus9"] = str(out / "corpus_nine.json")
     atomic_write_json(paths["corpus9"], {name: descriptions[name] for name in names9})
     paths["corpus10"] = str(out / "corpus_ten.json")
     atomic_write_json(paths["corpus10"], descriptions)
     paths["new_corpus"] = str(out / "new_class.json")
-    atomic_write_json(paths["new_corpus"], {class_names[held_out]: descriptions[class_names[held_out]]})
+    atomic_write_json(paths["new_corpus"], {name: descriptions[name] for name in new_names})
     return paths
 
 
@@ -97,7 +104,13 @@ def _evaluate(checkpoint: Path, split: str, root: str) -> tuple[np.ndarray, np.n
     processor = eval_image_processor(model.config.clip_config.vision_config.image_size)
     dataset = ImageDataset(read_image_list(split, root), ProcessorTransform(processor))
     out = predict_logits(model, dataset, batch_size=64)
-    return out["logits"].argmax(-1).numpy(), dataset.labels, dataset
+    return out["logits"].argmax(-1).numpy(), np.asarray(dataset.labels), dataset
+
+
+def predict_split(checkpoint: Path | str, split: str, root: str) -> tuple[np.ndarray, np.ndarray]:
+    """The classifier at `checkpoint`'s predicted class and the label of every image of the split file `split`."""
+    predictions, labels, _ = _evaluate(Path(checkpoint), split, root)
+    return predictions, labels
 
 
 def _pct(value) -> str:
@@ -158,10 +171,11 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
 
     # ---- The held-out class: from its sentences, then with 5 images ---------------------------------------------------
-    add_classes.main(
-        ["--model_name_or_path", str(out / "nine"), "--class_names", splits["new_names"], "--text_corpus",
-         splits["new_corpus"], "--output_dir", str(out / "added"), *plain]
-    )  # fmt: skip
+    for folder, templates in (("added", "False"), ("added_with_name", "True")):
+        add_classes.main(
+            ["--model_name_or_path", str(out / "nine"), "--class_names", splits["new_names"], "--text_corpus",
+             splits["new_corpus"], "--use_templates", templates, "--output_dir", str(out / folder), *plain]
+        )  # fmt: skip
     run_select_anchors.main(
         ["--model_name_or_path", str(out / "added"), "--classes", name, "--selection_file", splits["val10"],
          "--text_corpus", splits["corpus10"], "--output_dir", str(out / "added_anss"), *ten]
@@ -190,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         "new_class_top1": 0.0, "nine_classes_top1": before, "all_top1": None
     }  # fmt: skip
     stages = {
-        f"+ {name!r} added from its sentences (no image)": "added",
+        f"+ {name!r} added from its description alone (no image)": "added",
+        "  (or from its name's 80 prompt templates + its description, instead)": "added_with_name",
         "+ its anchors re-selected by AnSS with 5 images": "added_anss",
         "+ its image-branch row trained on the 5 images": "added_row",
     }
@@ -219,9 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
     lines = [
         f"Held-out class: **{name}** ({int(counts[held_out])} training images in the demo; "
         f"{int((labels == new).sum())} test images). Top-1 in %, on the {len(class_names)}-class test split "
-        f"({len(labels)} images); the {new}-class model is scored on its classes' test images. The added class "
-        "is added from its description alone (its 80 prompt templates and its sentences, no image) in the first "
-        "'+' row.",
+        f"({len(labels)} images); the {new}-class model is scored on its classes' test images. The first '+' "
+        "row adds the class from its description alone (its sentences, no template, no image); the row below it "
+        "from its name's 80 prompt templates plus its sentences.",
         "",
         f"| model | {name} top-1 | other {new} classes top-1 | change on the other {new} |",
         "|---|---|---|---|",

@@ -480,9 +480,9 @@ def build_world(args: WorldArguments) -> dict:
     return paths
 
 
-def pretrain_world_clip(data: dict, out: str | Path, seed: int, steps: int = 600) -> str:
+def pretrain_world_clip(data: dict, out: str | Path, seed: int, steps: int = 800) -> str:
     """The world's stand-in for a pretrained CLIP: `standin_clip.pretrain_on_captions` on the captioned pool alone
-    (no class name, no target combination), about 3 minutes on 2 CPU cores at the default 600 steps of 128 pairs."""
+    (no class name, no target combination), about 3 minutes on 2 CPU cores at the default 800 steps of 128 pairs."""
     images, captions = read_pool_captions(data["pool_captions"], data["root"])
     return pretrain_on_captions(images, captions, out, seed, steps=steps)
 

@@ -54,29 +54,47 @@ def class_embeddings(model, tokenizer, class_sentences: list[list[str]]) -> torc
 
 
 @torch.no_grad()
+def zero_shot_predictions(clip_path: str, root: str | Path, test_file: str, by_text: dict[str, list[list[str]]]):
+    """The CLIP at `clip_path` as a zero-shot classifier of the test split, once per entry of `by_text` (a name ->
+    per class, the sentences whose averaged embedding stands for it): the test labels and, per entry, the predicted
+    class of every test image."""
+    model = VLLTRModel.from_pretrained(clip_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(clip_path)
+    test = ImageDataset(
+        read_image_list(test_file, root),
+        ProcessorTransform(eval_image_processor(model.config.clip_config.vision_config.image_size)),
+    )
+    image = F.normalize(embed_images(model, test, desc="Zero-shot: test images"), dim=-1)  # (N, D)
+    predictions = {
+        key: (image @ class_embeddings(model, tokenizer, sentences).T).argmax(-1).numpy()
+        for key, sentences in by_text.items()
+    }
+    return np.asarray(test.labels), predictions
+
+
+def texts_by(kind: str, class_names: list[str], corpus: dict, flags: dict) -> list[list[str]]:
+    """Per class, the sentences of a zero-shot classifier: `name` (CLIP's 80 prompt templates of the class name),
+    `visual_descriptions` (its visual sentences, or all if it has none) or `all_descriptions`."""
+    if kind == "name":
+        return [[t.format(n) for t in IMAGENET_TEMPLATES] for n in class_names]
+    if kind == "visual_descriptions":
+        return [[s for s, v in zip(corpus[n], flags[n]) if v] or corpus[n] for n in class_names]
+    return [corpus[n] for n in class_names]
+
+
 def premise(clip_path: str, root: str | Path, test_file: str, class_names: list[str]) -> dict:
     """Zero-shot top-1 of the CLIP at `clip_path` on the test split by the class names in CLIP's 80 prompt
     templates, by the averaged visual sentences of each class, and by all its description sentences; beside chance,
     and for the visual-description classifier how often the predicted class shares each attribute with the true
     one."""
-    model = VLLTRModel.from_pretrained(clip_path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(clip_path)
     world = load_world(root)
-    corpus, flags = world["corpus"], world["flags"]
-    test = ImageDataset(
-        read_image_list(test_file, root),
-        ProcessorTransform(eval_image_processor(model.config.clip_config.vision_config.image_size)),
+    kinds = ("name", "visual_descriptions", "all_descriptions")
+    labels, predicted = zero_shot_predictions(
+        clip_path, root, test_file, {k: texts_by(k, class_names, world["corpus"], world["flags"]) for k in kinds}
     )
-    image = F.normalize(embed_images(model, test, desc="Premise: test images"), dim=-1)  # (N, D)
-    labels = np.asarray(test.labels)
-    by_text = {
-        "name": [[t.format(n) for t in IMAGENET_TEMPLATES] for n in class_names],
-        "visual_descriptions": [[s for s, v in zip(corpus[n], flags[n]) if v] or corpus[n] for n in class_names],
-        "all_descriptions": [corpus[n] for n in class_names],
-    }
     result = {"chance": 1.0 / len(class_names), "test_images": int(len(labels))}
-    for key, sentences in by_text.items():
-        predictions = (image @ class_embeddings(model, tokenizer, sentences).T).argmax(-1).numpy()
+    for key in kinds:
+        predictions = predicted[key]
         result[f"zero_shot_by_{key}_top1"] = float((predictions == labels).mean())
         if key == "visual_descriptions":
             attributes = {c["name"]: c for c in world["world"]["classes"]}
