@@ -28,7 +28,9 @@ naming a folder written by `python -m training.world` (its `--image_root`) get t
 `--clip` is given. On a world, `results.json` (`world`, `world_per_seed`) and `table.md` also hold what the world
 lets one measure (`training.world_measures`): zero-shot by class name and by the averaged visual descriptions, the
 plain linear probe's many- and few-shot top-1, the share of visual sentences among the anchors AnSS, Random and Cut
-Off keep beside their share in the corpus, and among each test image's top-3 attended anchors in VL-LTR.
+Off keep beside their share in the corpus, and among each test image's top-3 attended anchors in VL-LTR; and the
+top-1 of `--new_classes` classes per seed held out of VL-LTR's training and added from text alone
+(`measure_new_classes`).
 """
 
 import json
