@@ -77,8 +77,7 @@ from .world_measures import (
     explanation_visual_share,
     load_world,
     premise,
-    texts_by,
-    zero_shot_predictions,
+    premise_predictions,
 )
 
 logger = logging.get_logger(__name__)
@@ -470,34 +469,6 @@ class Context:
         return a.lift_epochs if a.lift_epochs is not None else max(1, round(0.1 * (a.stage1_epochs + a.stage2_epochs)))
 
 
-@torch.no_grad()
-def measure_world_seed(runner: Runner) -> dict:
-    """What the world lets one measure for one seed (`training.world_measures`), from the runs this seed made: the
-    premise from its starting CLIP (and the plain linear probe's many- and few-shot top-1), the visual share of the
-    anchors AnSS, Random and Cut Off kept, and of each test image's top-3 attended anchors in VL-LTR's checkpoint."""
-    ctx = runner.ctx
-    world = load_world(ctx.world_root)
-    names = ctx.train.class_names
-    row = {"seed": runner.seed, **premise(runner.clip, ctx.world_root, ctx.args.test_file, names)}
-    if "linear_ce_eval" in runner.done:
-        metrics = json.loads((runner.done["linear_ce_eval"][0] / "metrics.json").read_text())
-        row["linear_many_top1"], row["linear_few_top1"] = metrics["many_top1"], metrics["few_top1"]
-    folders = {k: runner.done[t][0] for k, t in WORLD_ANCHORS.items() if t in runner.done}
-    if folders:
-        shares = anchor_shares(folders, names, ctx.corpus_argv[ctx.corpus_argv.index("--text_corpus") + 1],
-                               world["visual_of"])  # fmt: skip
-        row.update({f"anchor_visual_share_{k}": v for k, v in shares.items()})
-    if "vlltr_stage2" in runner.done:
-        model = VLLTRForImageClassification.from_pretrained(runner.done["vlltr_stage2"][0]).eval()
-        test = ctx.test.dataset(
-            ProcessorTransform(eval_image_processor(model.config.clip_config.vision_config.image_size))
-        )
-        explained = explanation_visual_share(model, test, world["visual_of"], top_k=3)
-        row["explanations_visual_share_top3"] = explained["visual_share_top_anchors"]
-        row["explanations_visual_share_top3_correct"] = explained["visual_share_top_anchors_correct"]
-    return row
-
-
 def _with_flag(argv: list[str], flag: str, value: str) -> list[str]:
     """`argv` with `flag`'s value replaced (or the flag appended)."""
     argv = list(argv)
@@ -511,14 +482,42 @@ def _flag(argv: list[str], flag: str) -> str | None:
     return argv[argv.index(flag) + 1] if flag in argv else None
 
 
-def measure_new_classes(runner: Runner) -> dict:
+@torch.no_grad()
+def measure_world_seed(runner: Runner, zero_shot) -> dict:
+    """What the world lets one measure for one seed (`training.world_measures`), from the runs this seed made: the
+    premise from its starting CLIP (`zero_shot`: its `premise_predictions`; and the plain linear probe's many- and
+    few-shot top-1), the visual share of the anchors AnSS, Random and Cut Off kept, and of each test image's top-3
+    attended anchors in VL-LTR's checkpoint."""
+    ctx = runner.ctx
+    world = load_world(ctx.world_root)
+    names = ctx.train.class_names
+    row = {"seed": runner.seed, **premise(runner.clip, ctx.world_root, ctx.args.test_file, names, zero_shot)}
+    if "linear_ce_eval" in runner.done:
+        metrics = json.loads((runner.done["linear_ce_eval"][0] / "metrics.json").read_text())
+        row["linear_many_top1"], row["linear_few_top1"] = metrics["many_top1"], metrics["few_top1"]
+    folders = {k: runner.done[t][0] for k, t in WORLD_ANCHORS.items() if t in runner.done}
+    if folders:
+        shares = anchor_shares(folders, names, _flag(ctx.corpus_argv, "--text_corpus"), world["visual_of"])
+        row.update({f"anchor_visual_share_{k}": v for k, v in shares.items()})
+    if "vlltr_stage2" in runner.done:
+        model = VLLTRForImageClassification.from_pretrained(runner.done["vlltr_stage2"][0]).eval()
+        test = ctx.test.dataset(
+            ProcessorTransform(eval_image_processor(model.config.clip_config.vision_config.image_size))
+        )
+        explained = explanation_visual_share(model, test, world["visual_of"], top_k=3)
+        row["explanations_visual_share_top3"] = explained["visual_share_top_anchors"]
+        row["explanations_visual_share_top3_correct"] = explained["visual_share_top_anchors_correct"]
+    return row
+
+
+def measure_new_classes(runner: Runner, zero_shot) -> dict:
     """Classes that arrive after training, added from text alone (`training.add_classes`), for one seed: the
     `--new_classes` classes drawn with the seed are held out of every split, VL-LTR is trained on the others (stage 1,
     AnSS, stage 2 with this comparison's schedules, from the seed's starting CLIP), and the held-out classes are added
     twice: from their descriptions alone (`--use_templates False`) and from their name's 80 prompt templates plus
     their descriptions (the script's default). Each grown model is scored on the full test split; beside them,
     chance and the starting CLIP's zero-shot top-1 on the same images by the class names and by the same
-    descriptions (all classes competing)."""
+    descriptions, all classes competing (`zero_shot`: the seed's `premise_predictions`)."""
     from .demo_new_class import held_out_splits, predict_split
 
     ctx = runner.ctx
@@ -543,9 +542,10 @@ def measure_new_classes(runner: Runner) -> dict:
     )  # fmt: skip
     kept = Runner(kept_ctx, runner.seed)
     kept.root, kept._clip = folder, runner.clip
-    trained = kept.vlltr_from(kept.full_stage1(), "kept")[2][0]  # the stage-2 checkpoint on the kept classes
-    old_predictions, old_labels = predict_split(trained, splits["test9"], ctx.world_root)
-    before = float((old_predictions == old_labels).mean())
+    steps = kept.vlltr_from(kept.full_stage1(), "kept")
+    trained = steps[2][0]  # the stage-2 checkpoint on the kept classes, evaluated on their test images in steps[3]
+    scored = np.load(steps[3][0] / "predictions.npz")
+    before = float((scored["predictions"] == scored["labels"]).mean())
     new_labels = np.array(splits["new_labels"])
     row = {"new_classes": splits["new_classes"], "new_class_chance": 1.0 / len(names),
            "new_class_others_top1_before": before}  # fmt: skip
@@ -558,14 +558,10 @@ def measure_new_classes(runner: Runner) -> dict:
         is_new = np.isin(labels, new_labels)
         row[f"new_class_added_from_{tag}_top1"] = float((predictions[is_new] == labels[is_new]).mean())
         row[f"new_class_others_change_{tag}"] = float((predictions[~is_new] == labels[~is_new]).mean()) - before
-    world = load_world(ctx.world_root)
-    labels, predicted = zero_shot_predictions(
-        runner.clip, ctx.world_root, ctx.args.test_file,
-        {k: texts_by(k, names, world["corpus"], world["flags"]) for k in ("name", "all_descriptions")},
-    )  # fmt: skip
+    labels, predicted = zero_shot
     is_new = np.isin(labels, held)
-    for key, predictions in predicted.items():
-        row[f"new_class_zero_shot_by_{key}_top1"] = float((predictions[is_new] == labels[is_new]).mean())
+    for key in ("name", "all_descriptions"):
+        row[f"new_class_zero_shot_by_{key}_top1"] = float((predicted[key][is_new] == labels[is_new]).mean())
     return row
 
 
@@ -866,9 +862,11 @@ def run_seed(ctx: Context, seed: int, methods: list[str], bar=None) -> dict:
 
 
 def _world_row(runner: Runner) -> dict:
-    row = measure_world_seed(runner)
-    if runner.ctx.args.new_classes > 0:
-        row.update(measure_new_classes(runner))
+    ctx = runner.ctx
+    zero_shot = premise_predictions(runner.clip, ctx.world_root, ctx.args.test_file, ctx.train.class_names)
+    row = measure_world_seed(runner, zero_shot)
+    if ctx.args.new_classes > 0:
+        row.update(measure_new_classes(runner, zero_shot))
     return row
 
 

@@ -56,7 +56,7 @@ from .embedding import embed_images, embed_texts
 from .io_utils import atomic_write_json, atomic_write_text
 from .metrics import TOP1_GROUPS, ShotThresholds, group_top1, long_tail_metrics, plot_per_class_accuracy
 from .splits import ImageDataset, load_labelled_split, read_image_list
-from .standin_clip import build_char_tokenizer, save_clip_folder, small_clip_config
+from .standin_clip import build_char_tokenizer, contrastive_step, save_clip_folder, small_clip_config
 from .threads import configure_threads, use_one_thread
 from .world import WorldArguments, build_world, pretrain_world_clip
 from .world_measures import anchor_shares, explanation_visual_share, load_world, pct, premise
@@ -172,13 +172,7 @@ def pretrain_standin_clip(data: dict, out: Path, seed: int, epochs: int = 40, ba
                 ]
                 text = tokenizer(captions, padding=True, return_tensors="pt")
                 pixels = torch.stack([x["pixel_values"] for x in items])
-                loss = model(pixel_values=pixels, **text, return_loss=True).loss
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                bar.update()
+                contrastive_step(model, optimizer, schedule, bar, pixel_values=pixels, **text)
     save_clip_folder(model.eval(), tokenizer, out)
     return str(out)
 
@@ -246,8 +240,9 @@ def build_data(kind: str, root: Path, seed: int) -> dict:
 
 def world_measurements(clip: str, data: dict, out: Path, final: Path, common: list[str], linear: dict) -> dict:
     """The world's premise (zero-shot by name and by visual descriptions; the linear baseline's few- against
-    many-shot top-1, from its `group_top1` row `linear`), the visual share of the anchors AnSS, Random and Cut Off keep from the same stage-1 model
-    (beside the corpus's), and of each test image's top-3 attended anchors in the final VL-LTR checkpoint."""
+    many-shot top-1, from its `group_top1` row `linear`), the visual share of the anchors AnSS, Random and Cut Off
+    keep from the same stage-1 model (beside the corpus's), and of each test image's top-3 attended anchors in the
+    final VL-LTR checkpoint."""
     world = load_world(data["root"])
     names = data["class_names"]
     measured = {"premise": premise(clip, data["root"], data["test"], names)}

@@ -9,9 +9,9 @@ for the digits): train VL-LTR on all classes but one, add the last from its desc
 Steps: the demo's splits (`training.demo.build_data`, same seed) with one class removed from every split; the
 stand-in CLIP (or `--clip`); stage 1, anchor selection and stage 2 on the other classes with the demo's settings;
 `add_classes` with the held-out class's descriptions alone (`--use_templates False`), and for comparison with its
-name's 80 prompt templates plus its descriptions (the script's default); then, from the first, AnSS on the other classes'
-selection images plus the held-out class's 5 training images, and its row of the image branch trained on the other
-classes' training split plus those 5 images. Every model is scored on the full test split. Writes
+name's 80 prompt templates plus its descriptions (the script's default); then, from the first, AnSS on the other
+classes' selection images plus the held-out class's 5 training images, and its row of the image branch trained on
+the other classes' training split plus those 5 images. Every model is scored on the full test split. Writes
 `results.json` and `new_class_results.md` (the table, as measured), and explanations of a few held-out test images.
 """
 

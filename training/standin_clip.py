@@ -92,6 +92,18 @@ def save_clip_folder(model: CLIPModel, tokenizer: CLIPTokenizer, path: str | os.
     eval_image_processor(model.config.vision_config.image_size).save_pretrained(path)
 
 
+def contrastive_step(model: CLIPModel, optimizer, schedule, bar, **batch) -> None:
+    """One optimiser step of CLIP's contrastive loss on `batch` (pixel_values, input_ids, attention_mask), its loss
+    shown on the progress bar `bar`: the step of both stand-ins' pre-training loops."""
+    loss = model(**batch, return_loss=True).loss
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.update()
+
+
 def load_caption_images(paths: list[str], image_size: int) -> torch.Tensor:
     """The images resized as the evaluation processor resizes them (short side to `int(256 / 224 · image_size)`,
     bicubic), as one uint8 tensor (N, 3, R, R), ready for random `image_size` crops."""
@@ -161,17 +173,9 @@ def pretrain_on_captions(
             batch = (crops.float() / 255 - mean) / std  # (B, 3, S, S)
             mask = tokens["attention_mask"][rows]
             length = int(mask.sum(1).max())
-            loss = model(
-                pixel_values=batch,
-                input_ids=tokens["input_ids"][rows, :length],
+            contrastive_step(
+                model, optimizer, schedule, bar, pixel_values=batch, input_ids=tokens["input_ids"][rows, :length],
                 attention_mask=mask[:, :length],
-                return_loss=True,
-            ).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            bar.update()
+            )  # fmt: skip
     save_clip_folder(model.eval(), tokenizer, out)
     return str(out)

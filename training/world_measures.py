@@ -82,18 +82,25 @@ def texts_by(kind: str, class_names: list[str], corpus: dict, flags: dict) -> li
     return [corpus[n] for n in class_names]
 
 
-def premise(clip_path: str, root: str | Path, test_file: str, class_names: list[str]) -> dict:
+PREMISE_KINDS = ("name", "visual_descriptions", "all_descriptions")
+
+
+def premise_predictions(clip_path: str, root: str | Path, test_file: str, class_names: list[str]):
+    """`zero_shot_predictions` by each of `PREMISE_KINDS`: the test labels and the predictions per kind."""
+    world = load_world(root)
+    by_text = {k: texts_by(k, class_names, world["corpus"], world["flags"]) for k in PREMISE_KINDS}
+    return zero_shot_predictions(clip_path, root, test_file, by_text)
+
+
+def premise(clip_path: str, root: str | Path, test_file: str, class_names: list[str], zero_shot=None) -> dict:
     """Zero-shot top-1 of the CLIP at `clip_path` on the test split by the class names in CLIP's 80 prompt
     templates, by the averaged visual sentences of each class, and by all its description sentences; beside chance,
     and for the visual-description classifier how often the predicted class shares each attribute with the true
-    one."""
+    one. `zero_shot`: what `premise_predictions` returned for the same arguments, when the caller has it already."""
     world = load_world(root)
-    kinds = ("name", "visual_descriptions", "all_descriptions")
-    labels, predicted = zero_shot_predictions(
-        clip_path, root, test_file, {k: texts_by(k, class_names, world["corpus"], world["flags"]) for k in kinds}
-    )
+    labels, predicted = zero_shot or premise_predictions(clip_path, root, test_file, class_names)
     result = {"chance": 1.0 / len(class_names), "test_images": int(len(labels))}
-    for key in kinds:
+    for key in PREMISE_KINDS:
         predictions = predicted[key]
         result[f"zero_shot_by_{key}_top1"] = float((predictions == labels).mean())
         if key == "visual_descriptions":
