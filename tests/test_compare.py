@@ -182,3 +182,16 @@ def test_world_measurements_recompute_from_the_runs(tiny_clip_dir, tmp_path):
     assert row["new_class_chance"] == pytest.approx(1 / 6)
     assert world["new_class_zero_shot_by_name_top1"]["mean"] == pytest.approx(row["new_class_zero_shot_by_name_top1"])
     assert "classes added from text alone: from their descriptions" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_too_many_new_classes_is_one_line_before_any_run(tiny_clip_dir, tmp_path):
+    from training.world import WorldArguments, build_world
+
+    w = build_world(WorldArguments(output_dir=str(tmp_path / "world"), num_classes=4, imbalance=2, max_per_class=4,
+                                   test_per_class=1, selection_per_class=1, pool_size=8))  # fmt: skip
+    argv = ["--clip", tiny_clip_dir, "--train_file", w["train"], "--test_file", w["test"], "--image_root", w["root"],
+            "--class_names", w["classes"], "--text_corpus", w["corpus"], "--new_classes", "3",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(UsageError, match=r"--new_classes must be between 0 and 2 .*got 3"):
+        compare.main(argv)
+    assert not (tmp_path / "out" / "seed_0").exists()
